@@ -1,0 +1,140 @@
+"""Checkpoints: plain containers and tensors only, written atomically, read with weights_only=True.
+
+A checkpoint alone rebuilds the model: it carries the model's state_dict, the resolved
+config as plain dicts, and the vocabulary as a list of words; for resuming, also the
+trainer's and optimizer's state and the RNG states. Nothing in it is ever executed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .config import Config, UserError, from_dict, to_dict
+from .data.vocab import Vocab
+
+FORMAT = "wordlm-checkpoint"
+VERSION = 1
+
+
+def save(path: os.PathLike, payload: Dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync folder.
+
+    A crash at any moment leaves either the previous complete file or the new complete one.
+    """
+    path = Path(path)
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        what = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+        raise UserError(
+            f"cannot write checkpoint {path}: {what}; the previous checkpoint is kept. "
+            f"Free space or make the folder writable (or choose another with hydra.run.dir=...)"
+        ) from None
+
+
+def load(path: os.PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``, every tensor mapped to ``map_location``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: check the path (runs keep them in <run>/checkpoints/)")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise UserError(
+                f"refusing {path}: it holds pickled Python objects, which could run code; "
+                f"only wordlm checkpoints (tensors and plain containers) are loaded"
+            ) from None
+        raise UserError(f"{path} is not a readable checkpoint ({first}): it may be truncated or corrupt") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{path} is not a complete checkpoint (truncated or corrupt: {first}); "
+            f"use another one, e.g. checkpoints/best.pt"
+        ) from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise UserError(f"{path} is not a wordlm checkpoint (no '{FORMAT}' marker)")
+    for key in ("model", "config", "vocab"):
+        if key not in ck:
+            raise UserError(f"{path} is an incomplete wordlm checkpoint: '{key}' is missing")
+    return ck
+
+
+@dataclass
+class Loaded:
+    """What a checkpoint rebuilds: the config, the vocabulary and a model with its weights."""
+
+    config: Config
+    vocab: Vocab
+    model: torch.nn.Module
+    raw: Dict[str, Any]
+
+
+def load_model(path: os.PathLike, device: Any = "cpu") -> Loaded:
+    from .models import build_model
+
+    ck = load(path, map_location=device)
+    cfg = from_dict(ck["config"])
+    try:
+        vocab = Vocab(ck["vocab"])
+    except ValueError as e:
+        raise UserError(f"{path} holds a malformed vocabulary: {e}") from None
+    model = build_model(cfg.model, len(vocab))
+    load_weights(model, ck["model"], str(path))
+    model.to(device)
+    return Loaded(cfg, vocab, model, ck)
+
+
+def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
+    """load_state_dict with a one-line error when shapes or keys do not match the model asked for."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or extra or wrong:
+        parts = []
+        if wrong:
+            parts.append("shape mismatch " + "; ".join(wrong[:3]))
+        if missing:
+            parts.append("missing " + ", ".join(missing[:3]))
+        if extra:
+            parts.append("unexpected " + ", ".join(extra[:3]))
+        raise UserError(
+            f"{where} does not fit this model ({'; '.join(parts)}): "
+            f"use the model settings the checkpoint was trained with"
+        )
+    model.load_state_dict(state)
+
+
+def payload(cfg: Config, vocab: Vocab, model_state: Dict[str, torch.Tensor],
+            extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    out = {"model": model_state, "config": to_dict(cfg), "vocab": list(vocab.itos)}
+    if extra:
+        out.update(extra)
+    return out

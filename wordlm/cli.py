@@ -1,0 +1,165 @@
+"""Hydra entry points. DictConfig stops here: it becomes typed dataclasses before anything runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import hydra
+from omegaconf import DictConfig
+
+from .config import UserError, register_configs
+
+log = logging.getLogger("wordlm")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+class Exit(Exception):
+    """Leave with this message and exit code (used for interruptions)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def die(message: str, code: int = 2) -> NoReturn:
+    sys.stderr.write(f"wordlm: error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+_NOISE = re.compile(r"^\s*(full_key|reference_type|object_type|To append to your config)")
+
+
+def one_line(ex: BaseException) -> str:
+    """Hydra/OmegaConf messages span several lines; keep the informative ones on one line."""
+    parts = []
+    for e in (ex, ex.__cause__):
+        if e is None:
+            continue
+        for line in str(e).splitlines():
+            line = line.strip()
+            if line and not _NOISE.match(line) and line not in parts:
+                parts.append(line)
+    msg = " ".join(p if p.endswith((".", ":")) else p + ";" for p in parts).rstrip(";")
+    msg = msg.replace("Available options in", "available options in").replace(": ;", ":")
+    return msg + " (see the override table in README.md)"
+
+
+def _run_and_report(func: Callable[[], Any]) -> Any:
+    """Replacement for Hydra's reporter: user mistakes are one line; bugs keep their traceback."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return func()
+    except UserError as e:
+        die(str(e))
+    except Exit as e:
+        sys.stderr.write(f"wordlm: {e}\n")
+        sys.exit(e.code)
+    except (HydraException, OmegaConfBaseException) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        die(one_line(e))
+
+
+def _install_reporting() -> None:
+    import hydra._internal.utils as hydra_utils
+
+    if hasattr(hydra_utils, "run_and_report"):  # Hydra 1.3: _run_hydra looks it up at call time
+        hydra_utils.run_and_report = _run_and_report
+
+
+def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+    """A console entry point: register schemas, install one-line errors, run ``task`` under Hydra."""
+
+    def main() -> Any:
+        register_configs()
+        _install_reporting()
+        wrapped = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(task)
+        try:
+            return wrapped()
+        except UserError as e:  # raised outside Hydra's reporter (e.g. while it set up)
+            die(str(e))
+
+    return main
+
+
+# ---------------------------------------------------------------------------- train
+def _train(dc: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    from . import distributed
+    from .config import to_config
+    from .data.datasets import load_corpus
+    from .tracking import Tracker
+    from .trainer import Interrupted, Trainer
+    from .runtime import resolve_device
+
+    cfg = to_config(dc)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    d = distributed.from_env()
+    distributed.init(d, resolve_device(cfg.trainer.device, d.local_rank).type, cfg.trainer.dist_timeout_s)
+    try:
+        if d.enabled:
+            run_dir = Path(_broadcast_str(str(run_dir)))  # every rank uses rank 0's run dir
+        if not d.main:
+            logging.getLogger("wordlm").setLevel(logging.WARNING)
+        corpus = load_corpus(cfg.data)
+        resume = _resume_path(cfg.trainer.resume, run_dir)
+        trainer = Trainer(cfg, corpus, run_dir, None, d)
+        if resume is not None:
+            trainer.resume(resume)
+        if d.main:
+            trainer.tracker = Tracker(run_dir, purge_step=trainer.step + 1 if resume else None)
+        try:
+            metrics = trainer.fit()
+        except Interrupted as e:
+            name = signal.Signals(e.signum).name
+            args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
+            if not any(a.startswith("hydra.run.dir=") for a in args):
+                args.append(f"hydra.run.dir={run_dir}")
+            cmd = shlex.join(["python", "train.py", *args, f"trainer.resume={e.path}"])
+            raise Exit(128 + e.signum, f"stopped by {name} after step {e.step}; saved {e.path}. Resume with: {cmd}")
+        except KeyboardInterrupt:
+            raise Exit(130, f"stopped at once by a second signal; the last complete checkpoint is in "
+                            f"{trainer.ckpt_dir}") from None
+        finally:
+            trainer.tracker.close()
+        log.info("outputs in %s", run_dir)
+        return metrics
+    finally:
+        distributed.shutdown()
+
+
+def _resume_path(value: Any, run_dir: Path) -> Path | None:
+    if value in (None, ""):
+        return None
+    if value == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        if last.is_file():
+            return last
+        log.info("trainer.resume=auto: no %s yet, starting fresh", last)
+        return None
+    p = Path(str(value)).expanduser()
+    if not p.is_file():
+        raise UserError(f"trainer.resume={value}: no such checkpoint (use a path to last.pt, or auto)")
+    return p
+
+
+def _broadcast_str(s: str) -> str:
+    import torch.distributed as dist
+
+    obj = [s]
+    dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+train_main = entry("config", _train)

@@ -1,0 +1,211 @@
+"""Typed configuration: the schema Hydra checks every override against.
+
+Values live in ``conf/*.yaml``; the types and help live here. Entry points turn
+Hydra's ``DictConfig`` into these dataclasses (:func:`to_config`), so everything
+below the entry points works with plain typed objects and can be built in tests
+without Hydra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+class UserError(Exception):
+    """A mistake the user can fix (config, files, data): reported as one line, no traceback."""
+
+
+MODEL_NAMES = ("lstm", "gru", "rnn_tanh", "rnn_relu", "transformer")
+OPTIM_NAMES = ("sgd", "adamw")
+SCHEDULES = ("plateau", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lstm"  # lstm | gru | rnn_tanh | rnn_relu | transformer
+    emsize: int = 200  # word embedding size
+    nhid: int = 200  # RNN hidden size / transformer feed-forward size
+    nlayers: int = 2  # number of layers
+    dropout: float = 0.2  # dropout probability
+    tied: bool = False  # tie the decoder weights to the embedding (needs emsize == nhid for RNNs)
+    nhead: int = 2  # attention heads (transformer only); must divide emsize
+
+
+@dataclass
+class DataConfig:
+    name: str = "wikitext2"  # wikitext2 | wikitext103 | ptb | custom
+    root: Optional[str] = None  # where named data sets live; null = <project>/data
+    dir: Optional[str] = None  # folder with train.txt, valid.txt, test.txt (custom); null = <root>/<folder>
+    url: Any = None  # download URL or list of mirror URLs; null = the data set's own mirrors
+    checksum: Optional[str] = None  # "md5:<hex>" or "sha256:<hex>" of the download; null = the data set's own
+    min_freq: int = 1  # words seen fewer times in train become <unk>
+    max_vocab: Optional[int] = None  # keep only the most frequent words (specials included); null = all
+    cache: bool = True  # cache tokenised corpora next to the text
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 20.0  # (peak) learning rate
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    eps: float = 1e-8  # adamw only
+    schedule: str = "plateau"  # plateau (lr / anneal when valid loss does not improve) | cosine | constant
+    anneal: float = 4.0  # plateau: divide lr by this
+    warmup_steps: int = 0  # cosine/constant: linear warmup steps
+    min_lr_ratio: float = 0.0  # cosine: final lr = lr * min_lr_ratio
+    fused: Optional[bool] = None  # fused optimizer kernels; null = on for CUDA
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 40
+    batch_size: int = 20  # global batch (columns) per micro-step, split across ranks
+    eval_batch_size: int = 10
+    bptt: int = 35  # truncated-BPTT window length
+    clip: Optional[float] = 0.25  # max gradient norm; null or 0 = no clipping
+    seed: int = 1111
+    log_interval: int = 200  # optimizer steps between log lines / TensorBoard points
+    device: str = "auto"  # auto | cpu | cuda
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (still evaluate, save, test)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: Optional[bool] = None  # torch.compile the model; null = auto
+    threads: Optional[int] = None  # CPU threads; null = torch's default
+    grad_accum: int = 1  # micro-steps per optimizer step
+    resume: Optional[str] = None  # checkpoint path, or "auto" = this run dir's checkpoints/last.pt
+    checkpoint_every: Optional[int] = None  # also write last.pt every N optimizer steps
+    checkpoint_minutes: Optional[float] = None  # also write last.pt every N minutes
+    max_bad_steps: int = 20  # stop after this many non-finite steps in a row
+    deterministic: bool = False  # deterministic algorithms (CUDA)
+    sample_words: int = 50  # words of sample text logged to TensorBoard each epoch; 0 = off
+    progress: bool = True  # progress bars on a terminal
+    dist_timeout_s: float = 300.0  # collective timeout before a stuck rank ends the job
+    debug_nan_at_step: Optional[int] = None  # fault injection: make the loss NaN from this step on
+    debug_nan_steps: int = 1  # fault injection: for this many steps
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: Optional[str] = None  # path to a .pt written by train.py (required)
+    words: int = 1000  # words to generate
+    temperature: float = 1.0  # > 0; lower = more conservative
+    top_k: int = 0  # sample among the k most likely words; 0 = all
+    top_p: float = 1.0  # nucleus sampling: smallest set of words with this much probability; 1 = all
+    prompt: str = ""  # text to condition on (tokenised with the checkpoint's vocabulary)
+    seed: int = 1111
+    device: str = "auto"  # auto | cpu | cuda
+    outf: Optional[str] = None  # write here instead of stdout
+    context: Optional[int] = None  # transformer context window; null = the training bptt
+    progress: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: Optional[str] = None  # path to a .pt written by train.py (required)
+    data: Optional[DataConfig] = None  # null = the data set the checkpoint was trained on
+    split: str = "test"  # train | valid | test
+    batch_size: int = 10
+    bptt: Optional[int] = None  # null = the training bptt
+    device: str = "auto"
+    precision: str = "fp32"
+    progress: bool = True
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UserError(msg)
+
+
+def validate_model(m: ModelConfig) -> None:
+    _check(m.name in MODEL_NAMES, f"unknown model '{m.name}': use model={'|'.join(MODEL_NAMES)}")
+    for k in ("emsize", "nhid", "nlayers", "nhead"):
+        v = getattr(m, k)
+        _check(v >= 1, f"model.{k}={v} is impossible: it must be >= 1")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    if m.name == "transformer":
+        _check(
+            m.emsize % m.nhead == 0,
+            f"model.nhead={m.nhead} does not divide model.emsize={m.emsize}: pick nhead that divides emsize",
+        )
+    elif m.tied:
+        _check(
+            m.emsize == m.nhid,
+            f"model.tied=true needs model.emsize == model.nhid (got {m.emsize} and {m.nhid}): "
+            f"set model.nhid={m.emsize} or model.tied=false",
+        )
+
+
+def validate(cfg: Config) -> None:
+    """Check values the type system cannot; raise UserError naming the key and the fix."""
+    validate_model(cfg.model)
+    t, o = cfg.trainer, cfg.optim
+    for k in ("epochs", "batch_size", "eval_batch_size", "bptt", "log_interval", "grad_accum", "max_bad_steps"):
+        v = getattr(t, k)
+        _check(v >= 1, f"trainer.{k}={v} is impossible: it must be >= 1")
+    _check(t.max_steps is None or t.max_steps >= 1, f"trainer.max_steps={t.max_steps} must be >= 1 or null")
+    _check(t.clip is None or t.clip >= 0, f"trainer.clip={t.clip} must be >= 0 or null")
+    _check(t.device in DEVICES, f"trainer.device='{t.device}': use {'|'.join(DEVICES)}")
+    _check(t.precision in PRECISIONS, f"trainer.precision='{t.precision}': use {'|'.join(PRECISIONS)}")
+    _check(t.threads is None or t.threads >= 1, f"trainer.threads={t.threads} must be >= 1 or null")
+    for k in ("checkpoint_every", "checkpoint_minutes"):
+        v = getattr(t, k)
+        _check(v is None or v > 0, f"trainer.{k}={v} must be > 0 or null")
+    _check(o.name in OPTIM_NAMES, f"unknown optimizer '{o.name}': use optim={'|'.join(OPTIM_NAMES)}")
+    _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _check(o.schedule in SCHEDULES, f"optim.schedule='{o.schedule}': use {'|'.join(SCHEDULES)}")
+    _check(o.anneal >= 1, f"optim.anneal={o.anneal} must be >= 1")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(len(o.betas) == 2, f"optim.betas={o.betas} must hold two numbers")
+    d = cfg.data
+    _check(d.min_freq >= 1, f"data.min_freq={d.min_freq} must be >= 1")
+    _check(d.max_vocab is None or d.max_vocab >= 3, f"data.max_vocab={d.max_vocab} must be >= 3 or null")
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}
+
+
+def from_dict(values: dict) -> Config:
+    """Rebuild a Config from plain containers (e.g. a checkpoint's); unknown keys are ignored."""
+    parts = {}
+    for name, cls in _SECTIONS.items():
+        known = {f.name for f in dataclasses.fields(cls)}
+        parts[name] = cls(**{k: v for k, v in (values.get(name) or {}).items() if k in known})
+    return Config(**parts)
+
+
+def to_config(dictconfig: Any) -> Config:
+    """Hydra DictConfig -> typed, validated Config (the boundary named in DESIGN.md)."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(dictconfig, resolve=True)
+    values = {k: v for k, v in values.items() if k != "hydra"}
+    cfg = from_dict(values)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore: typos and wrong types fail before training."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="wordlm_schema", node=Config)
+    cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)

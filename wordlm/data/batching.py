@@ -1,0 +1,33 @@
+"""Column batches and truncated-BPTT windows, as in the classic example."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from ..config import UserError
+
+
+def batchify(ids: torch.Tensor, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N,) ids -> (N // batch_size, batch_size): column j is one contiguous stretch of the text.
+
+    The remainder that does not fill a row is dropped. The result is moved to the device once.
+    """
+    n = ids.numel() // batch_size
+    if n < 2:
+        raise UserError(
+            f"corpus too small: {ids.numel()} tokens cannot fill {batch_size} columns of at least 2 tokens; "
+            f"use a smaller batch size or more text"
+        )
+    return ids[: n * batch_size].view(batch_size, n).t().contiguous().to(device)  # (T, B)
+
+
+def num_windows(source: torch.Tensor, bptt: int) -> int:
+    return (source.size(0) - 1 + bptt - 1) // bptt
+
+
+def get_window(source: torch.Tensor, i: int, bptt: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``source[i:i+n]`` and targets shifted by one, both (n, B), n = min(bptt, rest)."""
+    n = min(bptt, source.size(0) - 1 - i)
+    return source[i : i + n], source[i + 1 : i + 1 + n]

@@ -1,0 +1,86 @@
+"""TensorBoard, progress bars and metrics.json, behind one small interface.
+
+The trainer calls these unconditionally; on ranks other than 0 (or in tests) it is
+handed a :class:`NullTracker`, so it never asks "is logging on?".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+log = logging.getLogger("wordlm")
+
+
+class NullTracker:
+    def scalar(self, tag: str, value: float, step: int) -> None: ...
+    def scalars(self, values: Dict[str, float], step: int) -> None: ...
+    def text(self, tag: str, text: str, step: int) -> None: ...
+    def hparams(self, hparams: Dict[str, Any], metrics: Dict[str, float]) -> None: ...
+    def metrics(self, values: Dict[str, Any]) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Tracker(NullTracker):
+    """Writes TensorBoard events to ``<run>/tb`` and metrics to ``<run>/metrics.json``."""
+
+    def __init__(self, run_dir: Path, purge_step: Optional[int] = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = Path(run_dir)
+        # purge_step: after a resume, TensorBoard drops points a crashed run logged past the checkpoint.
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(tag, value, step)
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        for tag, v in values.items():
+            self.writer.add_scalar(tag, v, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def hparams(self, hparams: Dict[str, Any], metrics: Dict[str, float]) -> None:
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+
+    def metrics(self, values: Dict[str, Any]) -> None:
+        write_json_atomic(self.run_dir / "metrics.json", values)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def write_json_atomic(path: Path, values: Dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(values, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def progress(iterable: Iterable, total: int, desc: str, enabled: bool = True, leave: bool = False):
+    """A tqdm bar on a terminal; on a pipe or file, no bar (the log lines carry progress)."""
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stderr)

@@ -1,0 +1,474 @@
+"""The training loop: truncated-BPTT steps, evaluation, schedules, checkpoints, interruption.
+
+Built from objects (a Config and a Corpus), never from globals, so tests build it
+without Hydra. Everything a resumed run needs to continue exactly is in
+:meth:`Trainer.state_dict`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, runtime
+from .config import Config, UserError, to_dict
+from .data import Corpus, batchify, get_window, num_windows
+from .distributed import Dist
+from .models import build_model, count_params, detach_state, map_state
+from .optim import Schedule, build_optimizer
+from .tracking import NullTracker, flatten
+
+log = logging.getLogger("wordlm")
+
+WARMUP_STEPS = 5  # steps left out of the steady-state tokens/s
+
+
+class Interrupted(Exception):
+    """Raised after a clean stop on SIGINT/SIGTERM; last.pt holds the state to resume from."""
+
+    def __init__(self, signum: int, path: Optional[Path], step: int):
+        super().__init__(f"signal {signum}")
+        self.signum, self.path, self.step = signum, path, step
+
+
+class Trainer:
+    def __init__(self, cfg: Config, corpus: Corpus, run_dir: Path, tracker=None, dist: Optional[Dist] = None):
+        self.cfg, self.corpus, self.run_dir = cfg, corpus, Path(run_dir)
+        self.dist = dist or Dist()
+        self.tracker = tracker or NullTracker()
+        tc = cfg.trainer
+        self.device = runtime.resolve_device(tc.device, self.dist.local_rank)
+        self.precision = runtime.resolve_precision(tc.precision, self.device)
+        runtime.setup(tc, self.device)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+        # Ranks share the initial weights (same seed); each draws its own dropout masks after.
+        runtime.seed_all(tc.seed)
+        self.model = build_model(cfg.model, len(corpus.vocab)).to(self.device)
+        self.params = count_params(self.model)
+        runtime.seed_all(tc.seed + self.dist.rank)
+        self.net = self._wrap(self.model)
+
+        # Data: global columns = batch_size * grad_accum; this rank holds its share, split into
+        # grad_accum micro-batches, each carrying its own hidden state.
+        W, K = self.dist.world, tc.grad_accum
+        if tc.batch_size % W:
+            raise UserError(f"trainer.batch_size={tc.batch_size} does not split over {W} ranks: use a multiple of {W}")
+        if tc.eval_batch_size % W:
+            raise UserError(
+                f"trainer.eval_batch_size={tc.eval_batch_size} does not split over {W} ranks: use a multiple of {W}"
+            )
+        self.micro = tc.batch_size // W  # columns per micro-step on this rank
+        self.train_data = self._shard(batchify(corpus.train, tc.batch_size * K), self.micro * K)  # (T, micro*K)
+        self.eval_data = {s: self._shard(batchify(corpus.split(s), tc.eval_batch_size), tc.eval_batch_size // W)
+                          for s in ("valid", "test")}
+        self.steps_per_epoch = num_windows(self.train_data, tc.bptt)
+        total = tc.epochs * self.steps_per_epoch
+        if tc.max_steps:
+            total = min(total, tc.max_steps)
+        self.total_steps = total
+
+        self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), self.device)
+        self.fused = any(g.get("fused") for g in self.optimizer.param_groups)
+        self.schedule = Schedule(cfg.optim, self.optimizer, total)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+        # Trainer state (all of it checkpointed).
+        self.step = 0  # optimizer steps taken (good or skipped)
+        self.epoch = 0  # epochs completed
+        self.window = 0  # next BPTT window within the current epoch
+        self.best_val: Optional[float] = None
+        self.bad_total = 0
+        self.states: List[Any] = [None] * K
+        self.train_seconds = 0.0
+        self.timed_tokens = 0
+        self.timed_seconds = 0.0
+        self.best_state: Optional[Dict[str, torch.Tensor]] = None
+
+        self._stop_signal: Optional[int] = None
+        self._last_ckpt_time = time.monotonic()
+        self._consec_bad = torch.zeros((), device=self.device)
+        self._reset_interval()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        net = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = DDP(model, device_ids=ids)
+        tc = self.cfg.trainer
+        if tc.compile:
+            net = torch.compile(net)
+        return net
+
+    def _shard(self, cols: torch.Tensor, width: int) -> torch.Tensor:
+        r = self.dist.rank
+        return cols[:, r * width : (r + 1) * width].contiguous().to(self.device)
+
+    def _reset_interval(self) -> None:
+        self._iv_loss = torch.zeros((), device=self.device)
+        self._iv_good = torch.zeros((), device=self.device)
+        self._iv_gnorm = torch.zeros((), device=self.device)
+        self._iv_steps = 0
+        self._iv_tokens = 0
+        self._iv_t0 = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns a 0-dim 'step was finite' tensor.
+
+        No host synchronisation happens here: losses and counters stay on the device.
+        """
+        tc, K = self.cfg.trainer, self.cfg.trainer.grad_accum
+        self.net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=self.device)
+        for k in range(K):
+            xs, ys = x[:, k * self.micro : (k + 1) * self.micro], y[:, k * self.micro : (k + 1) * self.micro]
+            sync = self.net.no_sync() if self.dist.enabled and k < K - 1 else nullcontext()
+            with sync:
+                with runtime.autocast(self.device, self.precision):
+                    logp, state = self.net(xs, self.states[k])  # (T, b, V)
+                loss = F.nll_loss(logp.reshape(-1, logp.size(-1)), ys.reshape(-1))
+                if self._inject_nan():
+                    loss = loss * float("nan")
+                scaled = loss / K
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            self.states[k] = detach_state(state)
+            step_loss += loss.detach() / K
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = tc.clip if tc.clip else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        ok = torch.isfinite(step_loss) & torch.isfinite(gnorm)
+        self._apply(ok)
+        # A non-finite step must not poison the carried state either.
+        self.states = [map_state(s, lambda t: torch.where(ok, t, torch.zeros_like(t))) for s in self.states]
+        okf = ok.float()
+        self._consec_bad = (self._consec_bad + 1) * (1 - okf)
+        self._iv_loss += torch.where(ok, step_loss, torch.zeros_like(step_loss))
+        self._iv_gnorm += torch.where(ok, gnorm.float(), torch.zeros_like(step_loss))
+        self._iv_good += okf
+        return ok
+
+    def _apply(self, ok: torch.Tensor) -> None:
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips by itself on inf/nan
+            self.scaler.update()
+        elif self.fused:
+            # Fused kernels take a found_inf flag: a bad step is skipped on the device, no sync.
+            self.optimizer.found_inf = (~ok).float()
+            self.optimizer.step()
+        elif bool(ok):
+            self.optimizer.step()
+
+    def _inject_nan(self) -> bool:
+        tc = self.cfg.trainer
+        return tc.debug_nan_at_step is not None and tc.debug_nan_at_step <= self.step < tc.debug_nan_at_step + max(
+            1, tc.debug_nan_steps)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> Dict[str, Any]:
+        tc = self.cfg.trainer
+        t_start = time.perf_counter()
+        seconds_before = self.train_seconds
+        self._log_start()
+        with self._signals():
+            while self.epoch < tc.epochs and not self._done():
+                self._train_epoch()
+                stopped_early = self._done() and self.window < self.steps_per_epoch
+                val = self.evaluate("valid")
+                improved = self.best_val is None or val < self.best_val
+                if improved:
+                    self.best_val = val
+                    self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                self.schedule.on_validation(improved, self.step)
+                if not stopped_early:
+                    self.epoch += 1
+                    self.window = 0
+                    self.states = [None] * tc.grad_accum
+                self._log_epoch(val, improved)
+                self.train_seconds = seconds_before + time.perf_counter() - t_start
+                if improved:
+                    self._save("best")
+                self._save("last")
+                self._log_sample()
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        test = self.evaluate("test")
+        self.train_seconds = seconds_before + time.perf_counter() - t_start
+        return self._finish(test)
+
+    def _done(self) -> bool:
+        ms = self.cfg.trainer.max_steps
+        return ms is not None and self.step >= ms
+
+    def _train_epoch(self) -> None:
+        from .tracking import progress
+
+        tc = self.cfg.trainer
+        bptt = tc.bptt
+        self._reset_interval()
+        t_timed: Optional[float] = None
+        tokens_timed = 0
+        windows = range(self.window, self.steps_per_epoch)
+        bar = progress(windows, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}",
+                       enabled=tc.progress and self.dist.main)
+        if hasattr(bar, "update"):
+            bar.update(self.window)
+        for w in bar:
+            if self._done():
+                break
+            x, y = get_window(self.train_data, w * bptt, bptt)
+            if self.step == WARMUP_STEPS or (t_timed is None and self.step > WARMUP_STEPS):
+                self._sync()
+                t_timed = time.perf_counter()
+            self.train_step(x, y)
+            self.step += 1
+            self.window = w + 1
+            self.schedule.set(self.step)
+            ntok = x.numel() * self.dist.world
+            self._iv_tokens += ntok
+            self._iv_steps += 1
+            if t_timed is not None:
+                tokens_timed += ntok
+            if self.step % tc.log_interval == 0:
+                self._log_interval()
+            if self.device.type == "cpu" or self.step % tc.log_interval == 0:
+                self._check_bad()
+            self._maybe_checkpoint()
+        if t_timed is not None and tokens_timed:
+            self._sync()
+            self.timed_tokens += tokens_timed
+            self.timed_seconds += time.perf_counter() - t_timed
+        if self._iv_steps:
+            self._log_interval()
+
+    def _check_bad(self) -> None:
+        n = int(self._consec_bad.item())
+        if n >= self.cfg.trainer.max_bad_steps:
+            raise UserError(
+                f"{n} non-finite steps in a row (loss or gradient is NaN/inf) at step {self.step}: "
+                f"lower optim.lr or trainer.clip, or use trainer.precision=fp32; "
+                f"the last good checkpoint is kept in {self.ckpt_dir}"
+            )
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str, bptt: Optional[int] = None) -> float:
+        """Token-weighted mean NLL over ``split`` (reduced across ranks)."""
+        data = self.eval_data[split]
+        return evaluate(self.model, data, bptt or self.cfg.trainer.bptt, self.device, self.precision, self.dist,
+                        progress_desc=f"{split}" if self.cfg.trainer.progress and self.dist.main else None)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        # Hidden states: gather every rank's columns so a checkpoint resumes on any number of ranks.
+        states = [map_state(s, lambda t: self.dist.gather_cat(t, dim=-2).cpu()) for s in self.states]
+        return {
+            "step": self.step, "epoch": self.epoch, "window": self.window, "best_val": self.best_val,
+            "bad_total": self.bad_total, "train_seconds": self.train_seconds,
+            "timed_tokens": self.timed_tokens, "timed_seconds": self.timed_seconds,
+            "world": self.dist.world, "states": states,
+            "schedule": self.schedule.state_dict(),
+            "rng": runtime.rng_state(),
+        }
+
+    def _save(self, which: str) -> None:
+        st = self.state_dict()  # collective: every rank takes part
+        if not self.dist.main:
+            return
+        extra = {"trainer": st, "optimizer": self.optimizer.state_dict()}
+        if self.scaler:
+            extra["scaler"] = self.scaler.state_dict()
+        checkpoint.save(self.ckpt_dir / f"{which}.pt",
+                        checkpoint.payload(self.cfg, self.corpus.vocab, self.model.state_dict(), extra))
+        self._last_ckpt_time = time.monotonic()
+
+    def _maybe_checkpoint(self) -> None:
+        tc = self.cfg.trainer
+        due = bool(tc.checkpoint_every and self.step % tc.checkpoint_every == 0)
+        if tc.checkpoint_minutes and time.monotonic() - self._last_ckpt_time >= 60 * tc.checkpoint_minutes:
+            due = True
+        stop = self._stop_signal is not None
+        if self.dist.enabled:
+            flags = self.dist.all_max(torch.tensor([float(due), float(stop)], device=self.device))
+            due, stop = bool(flags[0]), bool(flags[1])
+        if due or stop:
+            self._save("last")
+        if stop:
+            raise Interrupted(self._stop_signal or signal.SIGTERM, self.ckpt_dir / "last.pt", self.step)
+
+    def resume(self, path: Path) -> None:
+        ck = checkpoint.load(path, map_location=self.device)
+        vocab = ck["vocab"]
+        if vocab != self.corpus.vocab.itos:
+            raise UserError(
+                f"{path} was trained with another vocabulary ({len(vocab)} words, this corpus gives "
+                f"{len(self.corpus.vocab)}): resume with the same data settings"
+            )
+        checkpoint.load_weights(self.model, ck["model"], str(path))
+        if "trainer" not in ck or "optimizer" not in ck:
+            raise UserError(f"{path} holds weights only, no trainer state: it cannot be resumed")
+        st = ck["trainer"]
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: optimizer state does not fit optim={self.cfg.optim.name} ({e})") from None
+        if self.scaler and "scaler" in ck:
+            self.scaler.load_state_dict(ck["scaler"])
+        self.step, self.epoch, self.window = int(st["step"]), int(st["epoch"]), int(st["window"])
+        self.best_val = st["best_val"]
+        self.bad_total = int(st["bad_total"])
+        self.train_seconds = float(st["train_seconds"])
+        self.timed_tokens, self.timed_seconds = int(st["timed_tokens"]), float(st["timed_seconds"])
+        K = self.cfg.trainer.grad_accum
+        saved = st["states"]
+        if len(saved) != K:
+            raise UserError(f"{path} was trained with trainer.grad_accum={len(saved)}: resume with the same value")
+        r, w = self.dist.rank, self.micro
+        self.states = [map_state(s, lambda t: t[..., r * w : (r + 1) * w, :].contiguous().to(self.device))
+                       for s in saved]
+        self.schedule.load_state_dict(st.get("schedule"), self.step)
+        best = path.parent / "best.pt"
+        if best.is_file() and best.resolve() != Path(path).resolve():
+            self.best_state = checkpoint.load(best)["model"]
+        elif self.best_val is not None:
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        runtime.set_rng_state(st.get("rng"))
+        if int(st.get("world", 1)) != self.dist.world:
+            runtime.seed_all(self.cfg.trainer.seed + 7919 * self.step + self.dist.rank)
+        log.info("resumed from %s at step %d (epoch %d, window %d)", path, self.step, self.epoch + 1, self.window)
+
+    # ------------------------------------------------------------------ signals
+    def _signals(self):
+        trainer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.old = {}
+                try:
+                    for s in (signal.SIGINT, signal.SIGTERM):
+                        self.old[s] = signal.signal(s, self.handler)
+                except ValueError:  # not the main thread: leave signals alone
+                    pass
+
+            def handler(self, signum, frame):
+                if trainer._stop_signal is not None:
+                    # Second signal: stop at once. Checkpoints are written atomically, so the
+                    # last complete one survives whatever is in flight.
+                    raise KeyboardInterrupt
+                trainer._stop_signal = signum
+                log.warning("signal %d: finishing the current step, then writing last.pt (again to stop at once)",
+                            signum)
+
+            def __exit__(self, *exc):
+                for s, h in self.old.items():
+                    signal.signal(s, h)
+
+        return _Ctx()
+
+    # ------------------------------------------------------------------ logging
+    def _log_start(self) -> None:
+        tc = self.cfg.trainer
+        log.info("model %s: %s parameters | vocab %d | device %s | precision %s | world %d",
+                 self.cfg.model.name, f"{self.params:,}", len(self.corpus.vocab), self.device, self.precision,
+                 self.dist.world)
+        log.info("train %d tokens -> %d steps/epoch (batch %d x bptt %d, grad_accum %d)",
+                 self.corpus.train.numel(), self.steps_per_epoch, tc.batch_size, tc.bptt, tc.grad_accum)
+        self.tracker.text("config", "```\n" + "\n".join(f"{k}: {v}" for k, v in flatten(to_dict(self.cfg)).items())
+                          + "\n```", self.step)
+
+    def _log_interval(self) -> None:
+        good = float(self._iv_good.item())
+        elapsed = time.perf_counter() - self._iv_t0
+        loss = float(self._iv_loss.item()) / good if good else float("nan")
+        gnorm = float(self._iv_gnorm.item()) / good if good else float("nan")
+        bad = self._iv_steps - int(good)
+        self.bad_total += bad
+        tps = self._iv_tokens / elapsed if elapsed > 0 else 0.0
+        ppl = math.exp(min(loss, 50)) if math.isfinite(loss) else float("nan")
+        lr = self.schedule.lr
+        log.info("epoch %d | step %d | %d/%d | lr %.4g | loss %.4f | ppl %.2f | grad %.3f | %.0f tok/s | "
+                 "%.1f ms/step%s", self.epoch + 1, self.step, self.window, self.steps_per_epoch, lr, loss, ppl,
+                 gnorm, tps, 1000 * elapsed / max(1, self._iv_steps), f" | {bad} bad steps skipped" if bad else "")
+        vals = {"train/loss": loss, "train/ppl": ppl, "train/lr": lr, "train/grad_norm": gnorm,
+                "train/tokens_per_sec": tps, "train/bad_steps": float(self.bad_total)}
+        self.tracker.scalars({k: v for k, v in vals.items() if math.isfinite(v)}, self.step)
+        self._reset_interval()
+
+    def _log_epoch(self, val: float, improved: bool) -> None:
+        ppl = math.exp(val)
+        log.info("end of epoch %d | step %d | valid loss %.4f | valid ppl %.2f%s", self.epoch if self.window == 0
+                 else self.epoch + 1, self.step, val, ppl, " | best" if improved else "")
+        self.tracker.scalars({"valid/loss": val, "valid/ppl": ppl}, self.step)
+        self.tracker.flush()
+
+    def _log_sample(self) -> None:
+        n = self.cfg.trainer.sample_words
+        if n <= 0 or not self.dist.main:
+            return
+        from .sampling import sample_text
+
+        text = sample_text(self.model, self.corpus.vocab, n, self.device, seed=self.cfg.trainer.seed,
+                           context=self.cfg.trainer.bptt)
+        self.tracker.text("sample", text.replace("\n", "  \n"), self.step)
+
+    def _finish(self, test: float) -> Dict[str, Any]:
+        best = self.best_val if self.best_val is not None else float("nan")
+        metrics = {
+            "best_valid_loss": best, "best_valid_ppl": math.exp(best),
+            "test_loss": test, "test_ppl": math.exp(test),
+            "train_tokens_per_sec": self.timed_tokens / self.timed_seconds if self.timed_seconds else None,
+            "steps": self.step, "epochs": self.epoch if self.window == 0 else self.epoch + self.window /
+            self.steps_per_epoch, "params": self.params, "seconds": round(self.train_seconds, 3),
+            "bad_steps": self.bad_total, "world_size": self.dist.world,
+        }
+        log.info("test loss %.4f | test ppl %.2f | best valid ppl %.2f", test, metrics["test_ppl"],
+                 metrics["best_valid_ppl"])
+        self.tracker.scalars({"test/loss": test, "test/ppl": metrics["test_ppl"]}, self.step)
+        hp = flatten(to_dict(self.cfg))
+        self.tracker.hparams({k: v for k, v in hp.items() if v is not None},
+                             {"best_valid_ppl": metrics["best_valid_ppl"], "test_ppl": metrics["test_ppl"]})
+        self.tracker.metrics(metrics)
+        self.tracker.flush()
+        return metrics
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: torch.Tensor, bptt: int, device: torch.device, precision: str = "fp32",
+             dist: Optional[Dist] = None, progress_desc: Optional[str] = None) -> float:
+    """Token-weighted mean negative log-likelihood of ``data`` (T, B) under ``model``."""
+    from .tracking import progress
+
+    dist = dist or Dist()
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    state = None
+    starts = range(0, data.size(0) - 1, bptt)
+    for i in progress(starts, total=len(starts), desc=progress_desc or "", enabled=progress_desc is not None):
+        x, y = get_window(data, i, bptt)
+        with runtime.autocast(device, precision):
+            logp, state = model(x, state)
+        total += F.nll_loss(logp.reshape(-1, logp.size(-1)).float(), y.reshape(-1), reduction="sum").double()
+        count += y.numel()
+    dist.all_sum(total)
+    dist.all_sum(count)
+    model.train(was_training)
+    return float(total.item() / count.item())
