@@ -1,0 +1,54 @@
+"""Shared fixtures: small generated corpora and a runner for the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny model and run that any test can shrink further: fast on 2 CPU cores.
+TINY = [
+    "model.emsize=16", "model.nhid=16", "model.nlayers=1", "model.nhead=2", "model.dropout=0.0",
+    "trainer.batch_size=4", "trainer.eval_batch_size=4", "trainer.bptt=8", "trainer.epochs=1",
+    "trainer.log_interval=5", "trainer.sample_words=5", "trainer.progress=false",
+]
+
+
+def write_corpus(folder: Path, n_lines: Dict[str, int] = None, vocab: int = 30, seed: int = 0) -> Path:
+    """Random word lines in folder/{train,valid,test}.txt; valid/test may hold words train lacks."""
+    n_lines = n_lines or {"train": 200, "valid": 40, "test": 40}
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = [f"w{i}" for i in range(vocab)]
+    for split, n in n_lines.items():
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "corpus")
+
+
+def run_cli(script: str, args: List[str], cwd: Optional[Path] = None, timeout: float = 120,
+            env: Optional[Dict[str, str]] = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python <script> args`` from the repo, as a user would; returns the completed process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    p = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT, capture_output=True,
+                       text=True, timeout=timeout, env=full_env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def train_args(corpus: Path, run_dir: Path, *extra: str) -> List[str]:
+    return ["data=custom", f"data.dir={corpus}", f"hydra.run.dir={run_dir}", *TINY, *extra]
