@@ -32,6 +32,7 @@ def save(path: os.PathLike, payload: Dict[str, Any]) -> None:
     path = Path(path)
     payload = {"format": FORMAT, "version": VERSION, **payload}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    done = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -39,21 +40,31 @@ def save(path: os.PathLike, payload: Dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        done = True
         fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        what = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "write" not in str(e).lower():
+            raise  # not an I/O failure: a bug, keep the traceback
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            what = "the disk is full"
+        elif isinstance(e, OSError):
+            what = e.strerror or str(e)
+        else:
+            what = str(e).strip().splitlines()[-1]
         raise UserError(
             f"cannot write checkpoint {path}: {what}; the previous checkpoint is kept. "
             f"Free space or make the folder writable (or choose another with hydra.run.dir=...)"
         ) from None
+    finally:
+        if not done:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def load(path: os.PathLike, map_location: Any = "cpu") -> Dict[str, Any]:

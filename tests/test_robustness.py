@@ -1,0 +1,176 @@
+"""Non-finite steps, unwritable or full output folders, double Ctrl-C, bad checkpoints on resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli, train_args, write_corpus
+from test_resume import tb_losses, wait_for_step
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("c") / "corpus", {"train": 120, "valid": 20, "test": 20})
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    run_cli("train.py", train_args(corpus, run, "trainer.max_steps=10"), check=True)
+    return run
+
+
+def one_line_error(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("wordlm: error:")]
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+def test_nan_steps_are_skipped_and_counted(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_cli("train.py", train_args(corpus, run, "trainer.max_steps=20", "trainer.log_interval=1",
+                                   "trainer.debug_nan_at_step=5", "trainer.debug_nan_steps=3"), check=True)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["bad_steps"] == 3 and m["steps"] == 20
+    losses = tb_losses(run)
+    assert sorted(set(range(1, 21)) - set(losses)) == [6, 7, 8]  # steps 6-8 (0-based 5-7) logged no loss
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert acc.Scalars("train/bad_steps")[-1].value == 3
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_too_many_bad_steps_stop_with_clear_error_and_keep_checkpoint(corpus, tmp_path):
+    run = tmp_path / "run"
+    p = run_cli("train.py", train_args(corpus, run, "trainer.max_steps=40", "trainer.checkpoint_every=3",
+                                       "trainer.debug_nan_at_step=7", "trainer.debug_nan_steps=100",
+                                       "trainer.max_bad_steps=4"))
+    msg = one_line_error(p)
+    assert "non-finite steps in a row" in msg and "optim.lr" in msg
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["trainer"]["step"] in (6, 9)  # the last interval before or within the bad run
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def _make_readonly(folder: Path) -> callable:
+    os.chmod(folder, 0o555)
+    if os.access(folder, os.W_OK) or _writable(folder):  # root ignores modes: make it immutable instead
+        os.chmod(folder, 0o755)
+        subprocess.run(["chattr", "+i", str(folder)], check=True)
+        assert not _writable(folder), "could not make the folder read-only"
+        return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+    return lambda: os.chmod(folder, 0o755)
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        (folder / ".probe").touch()
+        (folder / ".probe").unlink()
+        return True
+    except OSError:
+        return False
+
+
+def test_readonly_checkpoint_folder_is_a_clear_error_and_keeps_previous(corpus, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    undo = _make_readonly(run / "checkpoints")
+    try:
+        p = run_cli("train.py", train_args(corpus, run, "trainer.max_steps=14", "trainer.resume=auto"))
+    finally:
+        undo()
+    msg = one_line_error(p)
+    assert "cannot write checkpoint" in msg and "previous checkpoint is kept" in msg
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_full_disk_is_a_clear_error_and_keeps_previous(corpus, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    last = run / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    limit = len(before) // 2  # any file larger than this cannot be written: the disk "fills" mid-checkpoint
+
+    def cap():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                        *train_args(corpus, run, "trainer.max_steps=14", "trainer.resume=auto")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=cap)
+    msg = one_line_error(p)
+    assert "cannot write checkpoint" in msg
+    assert last.read_bytes() == before
+    assert not list(last.parent.glob(".*.tmp-*"))  # the partial temp file is removed
+
+
+def test_second_sigint_stops_at_once_and_checkpoint_stays_loadable(corpus, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                          *train_args(corpus, run, "trainer.max_steps=100000", "trainer.epochs=1000",
+                                      "trainer.log_interval=1", "trainer.checkpoint_every=2")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_step(p, 10)
+    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["trainer"]["step"] >= 10
+
+
+def test_truncated_checkpoint_is_rejected_on_resume(corpus, trained, tmp_path):
+    bad = tmp_path / "half.pt"
+    data = (trained / "checkpoints" / "last.pt").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    msg = one_line_error(run_cli("train.py", train_args(corpus, tmp_path / "r", f"trainer.resume={bad}")))
+    assert "truncated or corrupt" in msg and str(bad) in msg
+
+
+def test_checkpoint_of_another_shape_is_rejected_on_resume(corpus, trained, tmp_path):
+    ck = trained / "checkpoints" / "last.pt"
+    msg = one_line_error(run_cli("train.py", train_args(corpus, tmp_path / "r", "model.nhid=24",
+                                                        f"trainer.resume={ck}")))
+    assert "does not fit this model" in msg and "shape mismatch" in msg
+
+
+def test_checkpoint_of_another_vocabulary_is_rejected_on_resume(trained, tmp_path):
+    other = write_corpus(tmp_path / "other", {"train": 120, "valid": 20, "test": 20}, vocab=40, seed=3)
+    ck = trained / "checkpoints" / "last.pt"
+    msg = one_line_error(run_cli("train.py", train_args(other, tmp_path / "r", f"trainer.resume={ck}")))
+    assert "another vocabulary" in msg
+
+
+def test_pickled_checkpoint_is_refused_on_resume(corpus, tmp_path):
+    evil = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+    torch.save({"format": "wordlm-checkpoint", "x": _Evil(str(marker))}, evil)
+    msg = one_line_error(run_cli("train.py", train_args(corpus, tmp_path / "r", f"trainer.resume={evil}")))
+    assert "pickled" in msg
+    assert not marker.exists()
+
+
+class _Evil:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
