@@ -128,6 +128,12 @@ def _train(dc: DictConfig) -> dict:
                 args.append(f"hydra.run.dir={run_dir}")
             cmd = shlex.join(["python", "train.py", *args, f"trainer.resume={e.path}"])
             raise Exit(128 + e.signum, f"stopped by {name} after step {e.step}; saved {e.path}. Resume with: {cmd}")
+        except (torch_dist_errors() if d.enabled else ()) as e:
+            if not _is_peer_failure(e):
+                raise
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise Exit(1, f"error: rank {d.rank} lost contact with another rank ({first}); the job stops. "
+                          f"Resume with trainer.resume={trainer.ckpt_dir / 'last.pt'}") from None
         except KeyboardInterrupt:
             raise Exit(130, f"stopped at once by a second signal; the last complete checkpoint is in "
                             f"{trainer.ckpt_dir}") from None
@@ -137,6 +143,21 @@ def _train(dc: DictConfig) -> dict:
         return metrics
     finally:
         distributed.shutdown()
+
+
+def torch_dist_errors() -> tuple:
+    """Exceptions a collective raises when a peer rank dies or hangs (gloo raises plain RuntimeError)."""
+    import torch.distributed as dist
+
+    return (dist.DistError, RuntimeError)
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(
+        k in text for k in ("connection", "gloo", "nccl", "timed out", "timeout", "broken pipe"))
 
 
 def _resume_path(value: Any, run_dir: Path) -> Path | None:

@@ -394,11 +394,14 @@ class Trainer:
                           + "\n```", self.step)
 
     def _log_interval(self) -> None:
-        good = float(self._iv_good.item())
+        # One sync per interval; across ranks the logged loss is the mean over all of them.
+        sums = self.dist.all_sum(torch.stack([self._iv_loss, self._iv_good, self._iv_gnorm]).float())
+        loss_sum, good, gnorm_sum = (float(v) for v in sums.tolist())
+        good /= self.dist.world
         elapsed = time.perf_counter() - self._iv_t0
-        loss = float(self._iv_loss.item()) / good if good else float("nan")
-        gnorm = float(self._iv_gnorm.item()) / good if good else float("nan")
-        bad = self._iv_steps - int(good)
+        loss = loss_sum / self.dist.world / good if good else float("nan")
+        gnorm = gnorm_sum / self.dist.world / good if good else float("nan")
+        bad = self._iv_steps - round(good)
         self.bad_total += bad
         tps = self._iv_tokens / elapsed if elapsed > 0 else 0.0
         ppl = math.exp(min(loss, 50)) if math.isfinite(loss) else float("nan")

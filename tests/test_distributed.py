@@ -1,0 +1,110 @@
+"""Data-parallel training with torchrun on CPU (gloo): equivalence, grad accumulation, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli, train_args, write_corpus
+from test_resume import tb_losses, wait_for_step
+
+# No dropout: ranks draw different masks than one process would, everything else must match.
+DET = ["model.dropout=0.0", "trainer.log_interval=1", "trainer.sample_words=0", "trainer.threads=1"]
+
+
+def torchrun(args: list, nproc: int = 2) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "--monitor-interval=0.5", str(ROOT / "train.py"), *args]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("c") / "corpus", {"train": 120, "valid": 21, "test": 21})
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory) -> dict:
+    run = tmp_path_factory.mktemp("single")
+    run_cli("train.py", train_args(corpus, run, *DET, "trainer.max_steps=12"), check=True)
+    return tb_losses(run)
+
+
+def _run(cmd: list, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_two_ranks_match_one_process(corpus, single, tmp_path):
+    run = tmp_path / "ddp"
+    p = _run(torchrun(train_args(corpus, run, *DET, "trainer.max_steps=12")))
+    assert "world 2" in p.stdout
+    got = tb_losses(run)
+    assert sorted(got) == sorted(single)
+    for step, loss in single.items():
+        assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["steps"] == 12
+
+
+def test_grad_accum_with_half_batch_equals_full_batch(corpus, single, tmp_path):
+    run = tmp_path / "accum"
+    run_cli("train.py", train_args(corpus, run, *DET, "trainer.max_steps=12", "trainer.batch_size=2",
+                                   "trainer.grad_accum=2"), check=True)
+    got = tb_losses(run)
+    for step, loss in single.items():
+        assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
+
+
+def test_grad_accum_under_ddp_equals_full_batch(corpus, single, tmp_path):
+    run = tmp_path / "ddp_accum"
+    _run(torchrun(train_args(corpus, run, *DET, "trainer.max_steps=12", "trainer.batch_size=2",
+                             "trainer.grad_accum=2")))
+    got = tb_losses(run)
+    for step, loss in single.items():
+        assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
+
+
+def test_checkpoint_from_two_ranks_resumes_in_one(corpus, single, tmp_path):
+    run = tmp_path / "mixed"
+    _run(torchrun(train_args(corpus, run, *DET, "trainer.max_steps=7")))
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["trainer"]["step"] == 7 and ck["trainer"]["world"] == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])  # unwrapped keys
+    run_cli("train.py", train_args(corpus, run, *DET, "trainer.max_steps=12", "trainer.resume=auto"), check=True)
+    got = tb_losses(run)
+    for step, loss in single.items():
+        assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
+
+
+def test_batch_not_divisible_by_world_is_a_clear_error(corpus, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(torchrun(train_args(corpus, tmp_path / "r", "trainer.batch_size=5")), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode != 0
+    assert "wordlm: error: trainer.batch_size=5 does not split over 2 ranks" in p.stderr
+
+
+def test_a_dead_rank_ends_the_job_with_a_clear_error(corpus, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = torchrun(train_args(corpus, tmp_path / "r", *DET, "trainer.max_steps=100000", "trainer.epochs=10000",
+                              "trainer.dist_timeout_s=30"))
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_step(p, 5)
+    workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = p.communicate(timeout=90)
+    assert p.returncode != 0
+    assert time.monotonic() - t0 < 60
+    assert "FAILED" in err, err[-2000:]  # torchrun names the failed rank and its exit code
