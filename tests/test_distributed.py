@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_cli, train_args, write_corpus
 from test_resume import tb_losses, wait_for_step
 

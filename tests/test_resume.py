@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_cli, train_args, write_corpus
 
 STEPS = 60

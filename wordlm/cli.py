@@ -94,14 +94,15 @@ def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], A
 
 # ---------------------------------------------------------------------------- train
 def _train(dc: DictConfig) -> dict:
+    import torch.distributed
     from hydra.core.hydra_config import HydraConfig
 
     from . import distributed
     from .config import to_config
     from .data.datasets import load_corpus
+    from .runtime import resolve_device
     from .tracking import Tracker
     from .trainer import Interrupted, Trainer
-    from .runtime import resolve_device
 
     cfg = to_config(dc)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -127,9 +128,10 @@ def _train(dc: DictConfig) -> dict:
             if not any(a.startswith("hydra.run.dir=") for a in args):
                 args.append(f"hydra.run.dir={run_dir}")
             cmd = shlex.join(["python", "train.py", *args, f"trainer.resume={e.path}"])
-            raise Exit(128 + e.signum, f"stopped by {name} after step {e.step}; saved {e.path}. Resume with: {cmd}")
-        except (torch_dist_errors() if d.enabled else ()) as e:
-            if not _is_peer_failure(e):
+            msg = f"stopped by {name} after step {e.step}; saved {e.path}. Resume with: {cmd}"
+            raise Exit(128 + e.signum, msg) from None
+        except (torch.distributed.DistError, RuntimeError) as e:
+            if not (d.enabled and _is_peer_failure(e)):
                 raise
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise Exit(1, f"error: rank {d.rank} lost contact with another rank ({first}); the job stops. "
@@ -145,14 +147,8 @@ def _train(dc: DictConfig) -> dict:
         distributed.shutdown()
 
 
-def torch_dist_errors() -> tuple:
-    """Exceptions a collective raises when a peer rank dies or hangs (gloo raises plain RuntimeError)."""
-    import torch.distributed as dist
-
-    return (dist.DistError, RuntimeError)
-
-
 def _is_peer_failure(e: BaseException) -> bool:
+    """Did a collective fail because a peer rank died or hung? (gloo raises plain RuntimeErrors.)"""
     import torch.distributed as dist
 
     text = str(e).lower()
