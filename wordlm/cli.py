@@ -34,22 +34,49 @@ def die(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-_NOISE = re.compile(r"^\s*(full_key|reference_type|object_type|To append to your config)")
+_NOISE = re.compile(r"^\s*(full_key|reference_type|object_type|To append to your config|Config search path)")
 
 
 def one_line(ex: BaseException) -> str:
     """Hydra/OmegaConf messages span several lines; keep the informative ones on one line."""
-    parts = []
+    parts: list = []
     for e in (ex, ex.__cause__):
         if e is None:
             continue
-        for line in str(e).splitlines():
-            line = line.strip()
-            if line and not _NOISE.match(line) and line not in parts:
-                parts.append(line)
-    msg = " ".join(p if p.endswith((".", ":")) else p + ";" for p in parts).rstrip(";")
-    msg = msg.replace("Available options in", "available options in").replace(": ;", ":")
-    return msg + " (see the override table in README.md)"
+        for raw in str(e).splitlines():
+            line = raw.strip()
+            if line.startswith("Config search path"):
+                break
+            if not line or _NOISE.match(line) or line in parts:
+                continue
+            if raw.startswith("\t") and parts and parts[-1].endswith((":", ",")):
+                parts[-1] += (" " if parts[-1].endswith(":") else " ") + line + ","
+                continue
+            parts.append(line)
+    parts = [p.rstrip(",") for p in parts]
+    msg = " ".join(p if p.endswith((".", ":", "?")) else p + "." for p in parts)
+    return msg + _suggest(ex) + " (see the override table in README.md)"
+
+
+def _suggest(ex: BaseException) -> str:
+    """'did you mean trainer.epochs?' for a misspelt key."""
+    import dataclasses
+    import difflib
+
+    from .config import _SECTIONS
+
+    m = re.search(r"Could not override '([\w.]+)'", str(ex)) or re.search(r"full_key: ([\w.]+)", str(ex.__cause__))
+    if not m or "." not in m.group(1):
+        return ""
+    section, key = m.group(1).split(".", 1)
+    cls = _SECTIONS.get(section)
+    if cls is None:
+        return ""
+    names = [f.name for f in dataclasses.fields(cls)]
+    if key in names:
+        return ""
+    close = difflib.get_close_matches(key, names, n=1)
+    return f" Did you mean {section}.{close[0]}?" if close else ""
 
 
 def _run_and_report(func: Callable[[], Any]) -> Any:
@@ -80,10 +107,24 @@ def _install_reporting() -> None:
 def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
     """A console entry point: register schemas, install one-line errors, run ``task`` under Hydra."""
 
+    def job(dc: DictConfig) -> Any:
+        # Report here, inside the job: an exception escaping a Hydra job gets an extra
+        # "Error executing job with overrides" line from Hydra before ours.
+        try:
+            return task(dc)
+        except UserError as e:
+            die(str(e))
+        except Exit as e:
+            sys.stderr.write(f"wordlm: {e}\n")
+            sys.exit(e.code)
+
+    job.__name__ = job.__qualname__ = task.__name__
+    job.__module__ = task.__module__
+
     def main() -> Any:
         register_configs()
         _install_reporting()
-        wrapped = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(task)
+        wrapped = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(job)
         try:
             return wrapped()
         except UserError as e:  # raised outside Hydra's reporter (e.g. while it set up)

@@ -67,8 +67,8 @@ class Trainer:
                 f"trainer.eval_batch_size={tc.eval_batch_size} does not split over {W} ranks: use a multiple of {W}"
             )
         self.micro = tc.batch_size // W  # columns per micro-step on this rank
-        self.train_data = self._shard(batchify(corpus.train, tc.batch_size * K), self.micro * K)  # (T, micro*K)
-        self.eval_data = {s: self._shard(batchify(corpus.split(s), tc.eval_batch_size), tc.eval_batch_size // W)
+        self.train_data = self._shard(self._columns("train", tc.batch_size * K), self.micro * K)  # (T, micro*K)
+        self.eval_data = {s: self._shard(self._columns(s, tc.eval_batch_size), tc.eval_batch_size // W)
                           for s in ("valid", "test")}
         self.steps_per_epoch = num_windows(self.train_data, tc.bptt)
         total = tc.epochs * self.steps_per_epoch
@@ -110,6 +110,12 @@ class Trainer:
         if tc.compile:
             net = torch.compile(net)
         return net
+
+    def _columns(self, split: str, width: int) -> torch.Tensor:
+        try:
+            return batchify(self.corpus.split(split), width)
+        except UserError as e:
+            raise UserError(f"{split} split: {e}") from None
 
     def _shard(self, cols: torch.Tensor, width: int) -> torch.Tensor:
         r = self.dist.rank
