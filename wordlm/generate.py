@@ -1,0 +1,218 @@
+"""Sample text from a checkpoint alone: ``python generate.py checkpoint=PATH [words=...] [prompt="..."]``.
+
+Weights, config and vocabulary all come from the checkpoint (read with ``weights_only=True``);
+the corpus is never read. See docs/generate.md for examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from .cli import die, entry
+from .config import DEVICES, PRECISIONS, GenerateConfig, UserError
+
+LONG_RUN_WORDS = 200  # fewer words than this never show a progress bar
+
+
+# ---------------------------------------------------------------------------- shared with evaluate
+def plain(dc: Any) -> dict:
+    """Hydra DictConfig -> plain dict without the ``hydra`` node."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(dc, resolve=True) if not isinstance(dc, dict) else dict(dc)
+    return {k: v for k, v in values.items() if k != "hydra"}
+
+
+def build(cls: type, values: dict) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def need_checkpoint(path: str | None, command: str) -> Path:
+    if not path:
+        raise UserError(f"checkpoint=PATH is required, e.g. python {command} "
+                        f"checkpoint=outputs/<run>/checkpoints/best.pt")
+    return Path(path).expanduser()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``device`` -> torch.device, with messages naming this command's key (not trainer.device)."""
+    from . import runtime
+
+    if name not in DEVICES:
+        raise UserError(f"device='{name}': use {'|'.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA GPU is visible: use device=cpu (or auto)")
+    return runtime.resolve_device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    from . import runtime
+
+    if name not in PRECISIONS:
+        raise UserError(f"precision='{name}': use {'|'.join(PRECISIONS)}")
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("precision=fp16 is for CUDA: on CPU use bf16 or fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bf16: use precision=fp16 or fp32")
+    return runtime.resolve_precision(name, device)
+
+
+def load_checkpoint(path: Path, device: torch.device):
+    """checkpoint.load_model, after checking the file is a torch zip archive at all.
+
+    torch.load falls back to plain unpickling for anything else, and on arbitrary bytes that
+    can fail with errors (KeyError, ...) that are not about checkpoints; a wordlm checkpoint is
+    always a zip archive (torch.save's format), so anything else is named for what it is.
+    """
+    from .checkpoint import load_model
+
+    if path.is_file() and not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04":
+            raise UserError(f"{path} is not a complete checkpoint (truncated: the zip archive has no end); "
+                            f"use another one, e.g. checkpoints/best.pt")
+        raise UserError(f"{path} is not a wordlm checkpoint (not a torch.save archive): "
+                        f"pass a .pt file written by train.py, e.g. <run>/checkpoints/best.pt")
+    return load_model(path, device)
+
+
+# ---------------------------------------------------------------------------- generate
+def validate(cfg: GenerateConfig) -> None:
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    check(cfg.words >= 1, f"words={cfg.words} is impossible: generate at least 1 word")
+    check(math.isfinite(cfg.temperature) and cfg.temperature > 0,
+          f"temperature={cfg.temperature} must be > 0 (near 0 = nearly greedy, 1 = the model's own distribution)")
+    check(cfg.top_k >= 0, f"top_k={cfg.top_k} must be >= 0 (0 = no top-k filtering)")
+    check(0 < cfg.top_p <= 1, f"top_p={cfg.top_p} must be in (0, 1] (1 = no nucleus filtering)")
+    check(cfg.context is None or cfg.context >= 1, f"context={cfg.context} must be >= 1 or null (= training bptt)")
+    check(cfg.device in DEVICES, f"device='{cfg.device}': use {'|'.join(DEVICES)}")
+
+
+@contextmanager
+def open_output(outf: str | None, stream: TextIO | None = None) -> Iterator[TextIO]:
+    """``stream`` if given, else ``outf`` opened for writing, else stdout."""
+    if stream is not None or not outf:
+        yield stream or sys.stdout
+        return
+    path = Path(outf).expanduser()
+    with ExitStack() as stack:
+        try:
+            f = stack.enter_context(open(path, "w", encoding="utf-8"))
+        except OSError as e:
+            raise UserError(f"cannot write outf={outf}: {e.strerror or e}; choose a writable path") from None
+        yield f
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled or total < LONG_RUN_WORDS or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    # delay: a run that ends within a second never draws a bar.
+    return tqdm(total=total, desc="generating", unit="word", leave=False, dynamic_ncols=True, file=sys.stderr,
+                delay=1.0)
+
+
+def run(cfg: GenerateConfig, stdout: TextIO | None = None) -> dict:
+    """Generate as ``cfg`` says; returns a small summary (words, seconds, words/s)."""
+    from .sampling import TextWriter, encode_prompt, generate
+
+    validate(cfg)
+    path = need_checkpoint(cfg.checkpoint, "generate.py")
+    device = resolve_device(cfg.device)
+    loaded = load_checkpoint(path, device)
+    vocab, model = loaded.vocab, loaded.model
+    model.eval()
+    context = cfg.context or loaded.config.trainer.bptt
+
+    words, ids, unknown = encode_prompt(cfg.prompt, vocab)
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+        sys.stderr.write(f"wordlm: note: {len(unknown)} prompt word{'s' if len(unknown) > 1 else ''} not in the "
+                         f"checkpoint's vocabulary, read as <unk>: {shown}\n")
+        sys.stderr.flush()
+
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    eos = vocab.itos[vocab.eos]
+    to_terminal = not cfg.outf and (stdout or sys.stdout).isatty()
+    bar = _progress_bar(cfg.words, cfg.progress and not to_terminal)  # on a terminal, the text is the progress
+    with open_output(cfg.outf, stdout) as out:
+        writer = TextWriter(out.write, eos)
+        for w in words:
+            writer.word(w)
+
+        def on_token(tok: int) -> None:
+            writer.word(vocab.itos[tok])
+            if bar is not None:
+                bar.update(1)
+
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        try:
+            generate(model, ids, cfg.words, device, start=vocab.eos, temperature=cfg.temperature, top_k=cfg.top_k,
+                     top_p=cfg.top_p, context=context, generator=gen, on_token=on_token)
+        except ValueError as e:
+            if "probability tensor" in str(e):
+                raise UserError(f"{path}: the model gives non-finite probabilities (NaN/inf weights?): "
+                                f"use another checkpoint, e.g. checkpoints/best.pt") from None
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - t0
+        writer.end()
+        out.flush()
+    wps = cfg.words / seconds if seconds > 0 else float("inf")
+    sys.stderr.write(f"wordlm: {cfg.words} words in {seconds:.2f} s ({wps:,.0f} words/s) on {device}"
+                     + (f", written to {cfg.outf}" if cfg.outf else "") + "\n")
+    sys.stderr.flush()
+    return {"words": cfg.words, "seconds": seconds, "words_per_sec": wps}
+
+
+def one_line_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Report a UserError from inside the task: Hydra would first print its own "Error executing job" line."""
+
+    @functools.wraps(task)
+    def wrapped(dc: Any) -> Any:
+        try:
+            return task(dc)
+        except UserError as e:
+            die(str(e))
+
+    return wrapped
+
+
+@one_line_errors
+def _task(dc: Any) -> dict:
+    cfg = build(GenerateConfig, plain(dc))
+    try:
+        return run(cfg)
+    except BrokenPipeError:
+        # e.g. `python generate.py ... | head`: the reader left; that is not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return {}
+
+
+main = entry("generate", _task)
+
+if __name__ == "__main__":
+    main()
