@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 
 from ..config import UserError
@@ -12,7 +10,8 @@ from ..config import UserError
 def batchify(ids: torch.Tensor, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(N,) ids -> (N // batch_size, batch_size): column j is one contiguous stretch of the text.
 
-    The remainder that does not fill a row is dropped. The result is moved to the device once.
+    The remainder that does not fill a row is dropped. The result is moved to the device once, as int64
+    (corpora hold int32 ids to halve their memory; nll_loss and embeddings want int64).
     """
     n = ids.numel() // batch_size
     if n < 2:
@@ -20,14 +19,15 @@ def batchify(ids: torch.Tensor, batch_size: int, device: torch.device | str = "c
             f"corpus too small: {ids.numel()} tokens cannot fill {batch_size} columns of at least 2 tokens; "
             f"use a smaller batch size or more text"
         )
-    return ids[: n * batch_size].view(batch_size, n).t().contiguous().to(device)  # (T, B)
+    cols = ids[: n * batch_size].view(batch_size, n).t()  # (T, B), a strided view
+    return cols.to(device=device, dtype=torch.long, memory_format=torch.contiguous_format).contiguous()
 
 
 def num_windows(source: torch.Tensor, bptt: int) -> int:
     return (source.size(0) - 1 + bptt - 1) // bptt
 
 
-def get_window(source: torch.Tensor, i: int, bptt: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def get_window(source: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ``source[i:i+n]`` and targets shifted by one, both (n, B), n = min(bptt, rest)."""
     n = min(bptt, source.size(0) - 1 - i)
     return source[i : i + n], source[i + 1 : i + 1 + n]

@@ -1,12 +1,19 @@
-"""Reading a three-split corpus folder into id tensors."""
+"""Reading a three-split corpus folder into id tensors.
+
+Memory: the vocabulary is built by counting words line by line, then each split is encoded
+line by line into a growing ``array('i')`` (4 bytes a token), never a Python list of ints
+(~36 bytes a token). WikiText-103's 103M training tokens take ~0.4 GB as ids this way.
+"""
 
 from __future__ import annotations
 
 import os
+from array import array
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -19,7 +26,7 @@ SPLITS = ("train", "valid", "test")
 @dataclass
 class Corpus:
     vocab: Vocab
-    train: torch.Tensor  # (N,) int64 token ids
+    train: torch.Tensor  # (N,) int32 token ids (batchify turns windows into int64)
     valid: torch.Tensor
     test: torch.Tensor
 
@@ -29,7 +36,7 @@ class Corpus:
         return getattr(self, name)
 
 
-def check_folder(folder: Path, hint: str = "") -> Dict[str, Path]:
+def check_folder(folder: Path, hint: str = "") -> dict[str, Path]:
     """The three split files of ``folder``, or a UserError naming the folder and the files expected."""
     files = {s: folder / f"{s}.txt" for s in SPLITS}
     missing = [p.name for p in files.values() if not p.is_file()]
@@ -59,7 +66,7 @@ def iter_lines(path: Path) -> Iterator[str]:
             offset += len(raw)
 
 
-def tokenize(path: Path) -> Iterator[List[str]]:
+def tokenize(path: Path) -> Iterator[list[str]]:
     """Whitespace words of each line, with <eos> at each line end (the classic example's rule)."""
     for line in iter_lines(path):
         words = line.split()
@@ -75,13 +82,23 @@ def count_words(path: Path) -> Counter:
 
 
 def encode_file(path: Path, vocab: Vocab) -> torch.Tensor:
-    ids: List[int] = []
+    """(N,) int32 ids of ``path``; words outside the vocabulary become ``<unk>``."""
+    ids = array("i")
+    get, unk = vocab.stoi.get, repeat(vocab.unk)
     for words in tokenize(path):
-        ids.extend(vocab.encode(words))
-    return torch.tensor(ids, dtype=torch.long)
+        ids.extend(map(get, words, unk))
+    return ids_tensor(ids)
 
 
-def read_corpus(folder: os.PathLike, min_freq: int = 1, max_vocab: Optional[int] = None) -> Corpus:
+def ids_tensor(ids: array) -> torch.Tensor:
+    """An ``array('i')`` as a 1-D int32 tensor sharing its memory (no copy)."""
+    if len(ids) == 0:
+        return torch.zeros(0, dtype=torch.int32)
+    assert ids.itemsize == 4, "array('i') is not 4 bytes on this platform"
+    return torch.frombuffer(ids, dtype=torch.int32)
+
+
+def read_corpus(folder: os.PathLike, min_freq: int = 1, max_vocab: int | None = None) -> Corpus:
     """Tokenise ``folder``/{train,valid,test}.txt; the vocabulary comes from train.txt alone."""
     files = check_folder(Path(folder))
     vocab = Vocab.build(count_words(files["train"]), min_freq, max_vocab)
