@@ -28,26 +28,10 @@ from typing import Any, Dict, List
 
 import torch
 
-from .config import ModelConfig
+from .models import train_flops_per_token
 
 BASELINE_MODEL = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU",
                   "transformer": "Transformer"}
-
-
-def train_flops_per_token(m: ModelConfig, vocab: int, bptt: int) -> float:
-    """Model FLOPs of one training token: 3 x the forward matmul FLOPs (forward + 2 for backward)."""
-    gates = {"lstm": 4, "gru": 3}.get(m.name, 1)
-    if m.name == "transformer":
-        d, f = m.emsize, m.nhid
-        per_layer = 2 * (4 * d * d + 2 * d * f) + 2 * 2 * d * bptt / 2  # projections, FFN, causal attention
-        fwd = m.nlayers * per_layer + 2 * d * vocab
-    else:
-        fwd = 0.0
-        for layer in range(m.nlayers):
-            fan_in = m.emsize if layer == 0 else m.nhid
-            fwd += 2 * gates * m.nhid * (fan_in + m.nhid)
-        fwd += 2 * m.nhid * vocab
-    return 3 * fwd
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
@@ -123,10 +107,10 @@ def measure_one(overrides: List[str], steps: int, warmup: int) -> Dict[str, Any]
     data = t.eval_data["valid"][: 40 * bptt + 1]
     from .trainer import evaluate
 
-    evaluate(t.model, data[: 2 * bptt + 1], bptt, dev, t.precision)
+    evaluate(t.model, data[: 2 * bptt + 1], bptt, dev, t.eval_precision)
     _sync(dev)
     t0 = time.perf_counter()
-    evaluate(t.model, data, bptt, dev, t.precision)
+    evaluate(t.model, data, bptt, dev, t.eval_precision)
     _sync(dev)
     eval_tps = (data.size(0) - 1) * data.size(1) / (time.perf_counter() - t0)
 
@@ -151,7 +135,7 @@ def measure_one(overrides: List[str], steps: int, warmup: int) -> Dict[str, Any]
         "mfu": flops * tps / peak, "matmul_peak_tflops": peak / 1e12, "model_tflops": flops * tps / 1e12,
         "eval_tokens_per_sec": eval_tps, "gen_words_per_sec": gen_wps, "device": str(dev),
         "precision": t.precision, "threads": torch.get_num_threads(), "params": t.params,
-        "compile": bool(tc.compile),
+        "compile": t.compiled,
     }
 
 

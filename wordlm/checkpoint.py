@@ -72,6 +72,16 @@ def load(path: os.PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: check the path (runs keep them in <run>/checkpoints/)")
+    if not zipfile.is_zipfile(path):
+        # torch.load falls back to plain unpickling for non-zip files, whose errors on arbitrary bytes
+        # (KeyError, ...) say nothing about checkpoints; wordlm always writes torch.save's zip format.
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04":
+            raise UserError(f"{path} is not a complete checkpoint (truncated or corrupt: the zip archive has no end); "
+                            f"use another one, e.g. checkpoints/best.pt")
+        raise UserError(f"{path} is not a wordlm checkpoint (not a torch.save archive): "
+                        f"pass a .pt file written by train.py, e.g. <run>/checkpoints/best.pt")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

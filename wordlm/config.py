@@ -73,7 +73,8 @@ class TrainerConfig:
     log_interval: int = 200  # optimizer steps between log lines / TensorBoard points
     device: str = "auto"  # auto | cpu | cuda
     max_steps: Optional[int] = None  # stop after this many optimizer steps (still evaluate, save, test)
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: str = "auto"  # training: auto | fp32 | bf16 | fp16
+    eval_precision: str = "fp32"  # evaluation (valid/test perplexity): fp32 keeps reported numbers exact
     compile: Optional[bool] = None  # torch.compile the model; null = auto
     threads: Optional[int] = None  # CPU threads; null = torch's default
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -159,6 +160,8 @@ def validate(cfg: Config) -> None:
     _check(t.clip is None or t.clip >= 0, f"trainer.clip={t.clip} must be >= 0 or null")
     _check(t.device in DEVICES, f"trainer.device='{t.device}': use {'|'.join(DEVICES)}")
     _check(t.precision in PRECISIONS, f"trainer.precision='{t.precision}': use {'|'.join(PRECISIONS)}")
+    _check(t.eval_precision in PRECISIONS,
+           f"trainer.eval_precision='{t.eval_precision}': use {'|'.join(PRECISIONS)}")
     _check(t.threads is None or t.threads >= 1, f"trainer.threads={t.threads} must be >= 1 or null")
     for k in ("checkpoint_every", "checkpoint_minutes"):
         v = getattr(t, k)

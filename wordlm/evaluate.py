@@ -16,7 +16,7 @@ from typing import Any
 
 from .cli import die, entry
 from .config import DataConfig, EvaluateConfig, UserError
-from .generate import build, load_checkpoint, need_checkpoint, one_line_errors, plain, resolve_device, resolve_precision
+from .generate import build, load_checkpoint, need_checkpoint, plain, resolve_device, resolve_precision
 
 
 def validate(cfg: EvaluateConfig) -> None:
@@ -63,7 +63,6 @@ def config_from(dc: Any) -> EvaluateConfig:
     return cfg
 
 
-@one_line_errors
 def _task(dc: Any) -> dict:
     result = run(config_from(dc))
     sys.stdout.write(json.dumps(result) + "\n")

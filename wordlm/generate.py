@@ -7,21 +7,19 @@ the corpus is never read. See docs/generate.md for examples.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import sys
 import time
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from .cli import die, entry
-from .config import DEVICES, PRECISIONS, GenerateConfig, UserError
+from .cli import entry
+from .config import DEVICES, GenerateConfig, UserError
 
 LONG_RUN_WORDS = 200  # fewer words than this never show a progress bar
 
@@ -51,42 +49,18 @@ def resolve_device(name: str) -> torch.device:
     """``device`` -> torch.device, with messages naming this command's key (not trainer.device)."""
     from . import runtime
 
-    if name not in DEVICES:
-        raise UserError(f"device='{name}': use {'|'.join(DEVICES)}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA GPU is visible: use device=cpu (or auto)")
-    return runtime.resolve_device(name)
+    return runtime.resolve_device(name, key="device")
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     from . import runtime
 
-    if name not in PRECISIONS:
-        raise UserError(f"precision='{name}': use {'|'.join(PRECISIONS)}")
-    if name == "fp16" and device.type == "cpu":
-        raise UserError("precision=fp16 is for CUDA: on CPU use bf16 or fp32")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("this GPU has no bf16: use precision=fp16 or fp32")
-    return runtime.resolve_precision(name, device)
+    return runtime.resolve_precision(name, device, key="precision")
 
 
 def load_checkpoint(path: Path, device: torch.device):
-    """checkpoint.load_model, after checking the file is a torch zip archive at all.
-
-    torch.load falls back to plain unpickling for anything else, and on arbitrary bytes that
-    can fail with errors (KeyError, ...) that are not about checkpoints; a wordlm checkpoint is
-    always a zip archive (torch.save's format), so anything else is named for what it is.
-    """
     from .checkpoint import load_model
 
-    if path.is_file() and not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head == b"PK\x03\x04":
-            raise UserError(f"{path} is not a complete checkpoint (truncated: the zip archive has no end); "
-                            f"use another one, e.g. checkpoints/best.pt")
-        raise UserError(f"{path} is not a wordlm checkpoint (not a torch.save archive): "
-                        f"pass a .pt file written by train.py, e.g. <run>/checkpoints/best.pt")
     return load_model(path, device)
 
 
@@ -187,20 +161,6 @@ def run(cfg: GenerateConfig, stdout: TextIO | None = None) -> dict:
     return {"words": cfg.words, "seconds": seconds, "words_per_sec": wps}
 
 
-def one_line_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Report a UserError from inside the task: Hydra would first print its own "Error executing job" line."""
-
-    @functools.wraps(task)
-    def wrapped(dc: Any) -> Any:
-        try:
-            return task(dc)
-        except UserError as e:
-            die(str(e))
-
-    return wrapped
-
-
-@one_line_errors
 def _task(dc: Any) -> dict:
     cfg = build(GenerateConfig, plain(dc))
     try:

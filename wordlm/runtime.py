@@ -12,28 +12,62 @@ import torch
 from .config import TrainerConfig, UserError
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, key: str = "trainer.device") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("trainer.device=cuda but no CUDA GPU is visible: use trainer.device=cpu (or auto)")
+            raise UserError(f"{key}=cuda but no CUDA GPU is visible: use {key}=cpu (or auto)")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if name != "cpu":
-        raise UserError(f"trainer.device='{name}': use auto|cpu|cuda")
+        raise UserError(f"{key}='{name}': use auto|cpu|cuda")
     return torch.device("cpu")
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
+def cpu_has_fast_bf16() -> bool:
+    """Does this CPU do bf16 arithmetic in hardware (AVX512-BF16 or AMX)? Linux only; elsewhere False."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(name: str, device: torch.device, key: str = "trainer.precision") -> str:
+    """auto: bf16 autocast where the hardware has it (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp32"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if name not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"{key}='{name}': use auto|fp32|bf16|fp16")
     if name == "fp16" and device.type == "cpu":
-        raise UserError("trainer.precision=fp16 is for CUDA: on CPU use bf16 or fp32")
+        raise UserError(f"{key}=fp16 is for CUDA: on CPU use bf16 or fp32")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("this GPU has no bf16: use trainer.precision=fp16 or fp32")
+        raise UserError(f"this GPU has no bf16: use {key}=fp16 or fp32")
     return name
+
+
+# trainer.compile=null compiles runs whose eager training would take longer than this (estimated from the
+# model FLOPs at a rough device speed): compilation costs 0.5-3 minutes on a CPU, a minute or so on a GPU.
+COMPILE_MIN_SECONDS = 300
+ROUGH_FLOPS = {"cpu": 1e11, "cuda": 1e13}
+
+
+def resolve_compile(flag, device: torch.device, train_flops: float) -> bool:
+    if flag is None:
+        flag = train_flops / ROUGH_FLOPS.get(device.type, 1e11) > COMPILE_MIN_SECONDS
+    if flag and device.type == "cpu":
+        import torch._dynamo
+
+        # On CPU, tracing through nn.LSTM/GRU/RNN lets inductor fuse the whole step (about 2x faster
+        # here); on CUDA the cuDNN kernels are better left alone.
+        torch._dynamo.config.allow_rnn = True
+    return bool(flag)
 
 
 def autocast(device: torch.device, precision: str):

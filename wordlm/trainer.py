@@ -22,7 +22,7 @@ from . import checkpoint, runtime
 from .config import Config, UserError, to_dict
 from .data import Corpus, batchify, get_window, num_windows
 from .distributed import Dist
-from .models import build_model, count_params, detach_state, map_state
+from .models import build_model, count_params, detach_state, map_state, train_flops_per_token
 from .optim import Schedule, build_optimizer
 from .tracking import NullTracker, flatten
 
@@ -47,6 +47,7 @@ class Trainer:
         tc = cfg.trainer
         self.device = runtime.resolve_device(tc.device, self.dist.local_rank)
         self.precision = runtime.resolve_precision(tc.precision, self.device)
+        self.eval_precision = runtime.resolve_precision(tc.eval_precision, self.device)
         runtime.setup(tc, self.device)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
@@ -75,6 +76,10 @@ class Trainer:
         if tc.max_steps:
             total = min(total, tc.max_steps)
         self.total_steps = total
+        flops = train_flops_per_token(cfg.model, len(corpus.vocab), tc.bptt) * total * tc.bptt * tc.batch_size * K
+        self.compiled = runtime.resolve_compile(tc.compile, self.device, flops)
+        self._compiled_loss = torch.compile(forward_loss) if self.compiled else None
+        self._compile_proven = False
 
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), self.device)
         self.fused = any(g.get("fused") for g in self.optimizer.param_groups)
@@ -87,7 +92,7 @@ class Trainer:
         self.window = 0  # next BPTT window within the current epoch
         self.best_val: Optional[float] = None
         self.bad_total = 0
-        self.states: List[Any] = [None] * K
+        self.states: List[Any] = self._fresh_states()
         self.train_seconds = 0.0
         self.timed_tokens = 0
         self.timed_seconds = 0.0
@@ -106,9 +111,6 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = DDP(model, device_ids=ids)
-        tc = self.cfg.trainer
-        if tc.compile:
-            net = torch.compile(net)
         return net
 
     def _columns(self, split: str, width: int) -> torch.Tensor:
@@ -116,6 +118,9 @@ class Trainer:
             return batchify(self.corpus.split(split), width)
         except UserError as e:
             raise UserError(f"{split} split: {e}") from None
+
+    def _fresh_states(self) -> List[Any]:
+        return [self.model.init_state(self.micro, self.device) for _ in range(self.cfg.trainer.grad_accum)]
 
     def _shard(self, cols: torch.Tensor, width: int) -> torch.Tensor:
         r = self.dist.rank
@@ -139,7 +144,28 @@ class Trainer:
 
         No host synchronisation happens here: losses and counters stay on the device.
         """
+        use_compiled = self._compiled_loss is not None and x.size(0) == self.cfg.trainer.bptt
+        if not use_compiled or self._compile_proven:
+            return self._train_step(x, y, use_compiled)
+        saved = list(self.states)
+        try:
+            ok = self._train_step(x, y, True)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # no C++ compiler, an unsupported op...: train on, uncompiled
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            log.warning("torch.compile failed (%s): training continues without it (trainer.compile=false "
+                        "silences this)", first)
+            self._compiled_loss, self.compiled, self.states = None, False, saved
+            return self._train_step(x, y, False)
+        self._compile_proven = True
+        return ok
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, use_compiled: bool) -> torch.Tensor:
         tc, K = self.cfg.trainer, self.cfg.trainer.grad_accum
+        # Only full-length windows go through the compiled step: the short last window of an epoch
+        # would otherwise cost a second compilation.
+        loss_fn = self._compiled_loss if use_compiled else forward_loss
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=self.device)
@@ -147,9 +173,7 @@ class Trainer:
             xs, ys = x[:, k * self.micro : (k + 1) * self.micro], y[:, k * self.micro : (k + 1) * self.micro]
             sync = self.net.no_sync() if self.dist.enabled and k < K - 1 else nullcontext()
             with sync:
-                with runtime.autocast(self.device, self.precision):
-                    logp, state = self.net(xs, self.states[k])  # (T, b, V)
-                loss = F.nll_loss(logp.reshape(-1, logp.size(-1)), ys.reshape(-1))
+                loss, state = loss_fn(self.net, xs, ys, self.states[k], self.device, self.precision)
                 if self._inject_nan():
                     loss = loss * float("nan")
                 scaled = loss / K
@@ -206,7 +230,7 @@ class Trainer:
                 if not stopped_early:
                     self.epoch += 1
                     self.window = 0
-                    self.states = [None] * tc.grad_accum
+                    self.states = self._fresh_states()
                 self._log_epoch(val, improved)
                 self.train_seconds = seconds_before + time.perf_counter() - t_start
                 if improved:
@@ -278,7 +302,7 @@ class Trainer:
     def evaluate(self, split: str, bptt: Optional[int] = None) -> float:
         """Token-weighted mean NLL over ``split`` (reduced across ranks)."""
         data = self.eval_data[split]
-        return evaluate(self.model, data, bptt or self.cfg.trainer.bptt, self.device, self.precision, self.dist,
+        return evaluate(self.model, data, bptt or self.cfg.trainer.bptt, self.device, self.eval_precision, self.dist,
                         progress_desc=f"{split}" if self.cfg.trainer.progress and self.dist.main else None)
 
     # ------------------------------------------------------------------ checkpoints
@@ -391,9 +415,9 @@ class Trainer:
     # ------------------------------------------------------------------ logging
     def _log_start(self) -> None:
         tc = self.cfg.trainer
-        log.info("model %s: %s parameters | vocab %d | device %s | precision %s | world %d",
+        log.info("model %s: %s parameters | vocab %d | device %s | precision %s | compile %s | world %d",
                  self.cfg.model.name, f"{self.params:,}", len(self.corpus.vocab), self.device, self.precision,
-                 self.dist.world)
+                 self.compiled, self.dist.world)
         log.info("train %d tokens -> %d steps/epoch (batch %d x bptt %d, grad_accum %d)",
                  self.corpus.train.numel(), self.steps_per_epoch, tc.batch_size, tc.bptt, tc.grad_accum)
         self.tracker.text("config", "```\n" + "\n".join(f"{k}: {v}" for k, v in flatten(to_dict(self.cfg)).items())
@@ -456,6 +480,15 @@ class Trainer:
         self.tracker.metrics(metrics)
         self.tracker.flush()
         return metrics
+
+
+def forward_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, state: Any, device: torch.device,
+                 precision: str):
+    """Mean NLL of targets ``y`` (T, B) given inputs ``x`` (T, B); one function, so torch.compile can fuse
+    log_softmax, the loss and their backward into a few passes over the (T, B, V) log-probs."""
+    with runtime.autocast(device, precision):
+        logp, state = net(x, state)  # (T, B, V)
+    return F.nll_loss(logp.reshape(-1, logp.size(-1)), y.reshape(-1)), state
 
 
 @torch.no_grad()

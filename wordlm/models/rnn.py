@@ -35,8 +35,15 @@ class RNNModel(nn.Module):
         if cfg.tied:
             self.decoder.weight = self.encoder.weight
 
+    def init_state(self, batch_size: int, device=None) -> State:
+        """Zeros (what ``None`` means to nn.RNN), as tensors: a compiled step then sees one input type."""
+        z = torch.zeros(self.cfg.nlayers, batch_size, self.cfg.nhid, device=device)
+        return (z, z.clone()) if self.cfg.name == "lstm" else z
+
     def forward(self, tokens: torch.Tensor, state: State = None):
         emb = self.drop(self.encoder(tokens))  # (T, B, E)
         out, state = self.rnn(emb, state)  # (T, B, H)
         logits = self.decoder(self.drop(out))  # (T, B, V)
+        # The carried state stays fp32 whatever autocast computed it in.
+        state = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
         return F.log_softmax(logits.float(), dim=-1), state

@@ -43,6 +43,9 @@ class TransformerModel(nn.Module):
             self._pe = sinusoids(max(length, 64), self.cfg.emsize, device)
         return self._pe[:length]
 
+    def init_state(self, batch_size: int, device=None) -> None:
+        return None  # attention has no carried state
+
     def forward(self, tokens: torch.Tensor, state=None):
         T = tokens.size(0)
         x = self.drop(self.encoder(tokens) * self.scale + self.positions(T, tokens.device))  # (T, B, E)
