@@ -41,8 +41,8 @@ def evaluate_cli(args, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_equals_the_trainers_test_loss(ckpt, metrics, tmp_path):
-    # TINY trains with eval_batch_size=4 and bptt=8; bptt defaults to the checkpoint's.
-    p = evaluate_cli([f"checkpoint={ckpt}", "batch_size=4", "device=cpu"], cwd=tmp_path)
+    # TINY trains with eval_batch_size=4 and bptt=8; evaluate defaults to the checkpoint's own settings.
+    p = evaluate_cli([f"checkpoint={ckpt}", "device=cpu"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 1

@@ -118,7 +118,7 @@ class EvaluateConfig:
     checkpoint: Optional[str] = None  # path to a .pt written by train.py (required)
     data: Optional[DataConfig] = None  # null = the data set the checkpoint was trained on
     split: str = "test"  # train | valid | test
-    batch_size: int = 10
+    batch_size: Optional[int] = None  # null = the training eval_batch_size
     bptt: Optional[int] = None  # null = the training bptt
     device: str = "auto"
     precision: str = "fp32"

@@ -24,8 +24,9 @@ def validate(cfg: EvaluateConfig) -> None:
 
     if cfg.split not in SPLITS:
         raise UserError(f"split='{cfg.split}': use one of {'|'.join(SPLITS)}")
-    if cfg.batch_size < 1:
-        raise UserError(f"batch_size={cfg.batch_size} is impossible: it must be >= 1")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise UserError(f"batch_size={cfg.batch_size} is impossible: it must be >= 1 or null (= the training "
+                        f"eval_batch_size)")
     if cfg.bptt is not None and cfg.bptt < 1:
         raise UserError(f"bptt={cfg.bptt} must be >= 1 or null (= the training bptt)")
 
@@ -45,7 +46,7 @@ def run(cfg: EvaluateConfig) -> dict:
     folder = Path(prepare(data_cfg))  # holds train/valid/test.txt (fetched first where the data set says how)
     files = check_folder(folder)
     ids = encode_file(files[cfg.split], loaded.vocab)  # (N,) with the checkpoint's vocabulary, never a rebuilt one
-    data = batchify(ids, cfg.batch_size, device)  # (T, B)
+    data = batchify(ids, cfg.batch_size or loaded.config.trainer.eval_batch_size, device)  # (T, B)
     bptt = cfg.bptt or loaded.config.trainer.bptt
     loss = evaluate(loaded.model, data, bptt, device, precision,
                     progress_desc=f"{cfg.split}" if cfg.progress else None)
