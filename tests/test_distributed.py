@@ -75,15 +75,32 @@ def test_grad_accum_under_ddp_equals_full_batch(corpus, single, tmp_path):
 
 
 def test_checkpoint_from_two_ranks_resumes_in_one(corpus, single, tmp_path):
+    # 2 ranks x 2 micro-batches of 1 column, resumed as 1 process x 2 micro-batches of 2 columns: the
+    # carried hidden states must land on the same columns of the stream.
+    accum = ["trainer.batch_size=2", "trainer.grad_accum=2"]
     run = tmp_path / "mixed"
-    _run(torchrun(train_args(corpus, run, *DET, "trainer.max_steps=7")))
+    _run(torchrun(train_args(corpus, run, *DET, *accum, "trainer.max_steps=7")))
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ck["trainer"]["step"] == 7 and ck["trainer"]["world"] == 2
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])  # unwrapped keys
-    run_cli("train.py", train_args(corpus, run, *DET, "trainer.max_steps=12", "trainer.resume=auto"), check=True)
+    run_cli("train.py", train_args(corpus, run, *DET, *accum, "trainer.max_steps=12", "trainer.resume=auto"),
+            check=True)
     got = tb_losses(run)
     for step, loss in single.items():
         assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
+
+
+def test_resume_on_two_ranks_is_exact_with_dropout(corpus, tmp_path):
+    # Every rank's RNG state is saved: dropout masks after the resume are the ones it would have drawn.
+    drop = [a if a != "model.dropout=0.0" else "model.dropout=0.3" for a in DET]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _run(torchrun(train_args(corpus, ref, *drop, "trainer.max_steps=10")))
+    _run(torchrun(train_args(corpus, run, *drop, "trainer.max_steps=5")))
+    _run(torchrun(train_args(corpus, run, *drop, "trainer.max_steps=10", "trainer.resume=auto")))
+    want, got = tb_losses(ref), tb_losses(run)
+    assert sorted(got) == sorted(want) == list(range(1, 11))
+    for step, loss in want.items():
+        assert abs(got[step] - loss) <= 1e-6, (step, got[step], loss)
 
 
 def test_batch_not_divisible_by_world_is_a_clear_error(corpus, tmp_path):
@@ -100,7 +117,7 @@ def test_a_dead_rank_ends_the_job_with_a_clear_error(corpus, tmp_path):
                               "trainer.dist_timeout_s=30"))
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     wait_for_step(p, 5)
-    workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    workers = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()  # torchrun's worker processes
     assert len(workers) == 2, workers
     os.kill(int(workers[1]), signal.SIGKILL)
     t0 = time.monotonic()

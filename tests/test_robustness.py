@@ -173,3 +173,17 @@ class _Evil:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_fresh_run_refuses_to_overwrite_another_runs_checkpoints(corpus, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    msg = one_line_error(run_cli("train.py", train_args(corpus, run, "trainer.max_steps=3")))
+    assert "already holds a run's checkpoints" in msg and "trainer.resume=auto" in msg
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+
+
+def test_impossible_optimizer_value_is_one_line(corpus, tmp_path):
+    msg = one_line_error(run_cli("train.py", train_args(corpus, tmp_path / "r", "optim.momentum=-1")))
+    assert "optim.momentum=-1" in msg

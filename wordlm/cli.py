@@ -89,7 +89,8 @@ def _run_and_report(func: Callable[[], Any]) -> Any:
     except UserError as e:
         die(str(e))
     except Exit as e:
-        sys.stderr.write(f"wordlm: {e}\n")
+        if str(e):
+            sys.stderr.write(f"wordlm: {e}\n")
         sys.exit(e.code)
     except (HydraException, OmegaConfBaseException) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -115,7 +116,8 @@ def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], A
         except UserError as e:
             die(str(e))
         except Exit as e:
-            sys.stderr.write(f"wordlm: {e}\n")
+            if str(e):
+                sys.stderr.write(f"wordlm: {e}\n")
             sys.exit(e.code)
 
     job.__name__ = job.__qualname__ = task.__name__
@@ -148,44 +150,55 @@ def _train(dc: DictConfig) -> dict:
     cfg = to_config(dc)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     d = distributed.from_env()
-    distributed.init(d, resolve_device(cfg.trainer.device, d.local_rank).type, cfg.trainer.dist_timeout_s)
+    device = resolve_device(cfg.trainer.device, d.local_rank)
+    distributed.init(d, device, cfg.trainer.dist_timeout_s)
+    trainer = None
     try:
         if d.enabled:
             run_dir = Path(_broadcast_str(str(run_dir)))  # every rank uses rank 0's run dir
         if not d.main:
             logging.getLogger("wordlm").setLevel(logging.WARNING)
         corpus = load_corpus(cfg.data)
-        resume = _resume_path(cfg.trainer.resume, run_dir)
         trainer = Trainer(cfg, corpus, run_dir, None, d)
+        resume = _resume_path(cfg.trainer.resume, run_dir)  # after the data and sizes are known to be good
         if resume is not None:
             trainer.resume(resume)
         if d.main:
             trainer.tracker = Tracker(run_dir, purge_step=trainer.step + 1 if resume else None)
         try:
             metrics = trainer.fit()
-        except Interrupted as e:
-            name = signal.Signals(e.signum).name
-            args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
-            if not any(a.startswith("hydra.run.dir=") for a in args):
-                args.append(f"hydra.run.dir={run_dir}")
-            cmd = shlex.join(["python", "train.py", *args, f"trainer.resume={e.path}"])
-            msg = f"stopped by {name} after step {e.step}; saved {e.path}. Resume with: {cmd}"
-            raise Exit(128 + e.signum, msg) from None
-        except (torch.distributed.DistError, RuntimeError) as e:
-            if not (d.enabled and _is_peer_failure(e)):
-                raise
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise Exit(1, f"error: rank {d.rank} lost contact with another rank ({first}); the job stops. "
-                          f"Resume with trainer.resume={trainer.ckpt_dir / 'last.pt'}") from None
-        except KeyboardInterrupt:
-            raise Exit(130, f"stopped at once by a second signal; the last complete checkpoint is in "
-                            f"{trainer.ckpt_dir}") from None
         finally:
             trainer.tracker.close()
         log.info("outputs in %s", run_dir)
         return metrics
+    except Interrupted as e:
+        raise Exit(128 + e.signum, _resume_hint(e, run_dir, d) if d.main else "") from None
+    except (torch.distributed.DistError, RuntimeError) as e:
+        if not (d.enabled and _is_peer_failure(e)):
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise Exit(1, f"error: rank {d.rank} lost contact with another rank ({first}); the job stops. "
+                      f"Resume with trainer.resume={run_dir / 'checkpoints' / 'last.pt'}") from None
+    except KeyboardInterrupt:
+        last = run_dir / "checkpoints" / "last.pt"
+        where = f"the last complete checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        raise Exit(130, f"stopped at once by Ctrl-C; {where}" if d.main else "") from None
     finally:
         distributed.shutdown()
+
+
+def _resume_hint(e, run_dir: Path, d) -> str:
+    """The exact command that resumes an interrupted run."""
+    name = signal.Signals(e.signum).name
+    args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={run_dir}")
+    prog = sys.argv[0]
+    launcher = ["python", prog] if prog.endswith(".py") else [Path(prog).name]
+    if d.enabled:
+        launcher = ["torchrun", f"--nproc_per_node={d.world}", prog]
+    cmd = shlex.join([*launcher, *args, f"trainer.resume={e.path}"])
+    return f"stopped by {name} after step {e.step}; saved {e.path}. Resume with: {cmd}"
 
 
 def _is_peer_failure(e: BaseException) -> bool:
@@ -198,10 +211,14 @@ def _is_peer_failure(e: BaseException) -> bool:
 
 
 def _resume_path(value: Any, run_dir: Path) -> Path | None:
+    last = run_dir / "checkpoints" / "last.pt"
     if value in (None, ""):
+        if last.is_file():
+            # A fresh run here would overwrite another run's checkpoints: refuse, lose nothing.
+            raise UserError(f"{run_dir} already holds a run's checkpoints: continue it with trainer.resume=auto, "
+                            f"or start a new run in another hydra.run.dir")
         return None
     if value == "auto":
-        last = run_dir / "checkpoints" / "last.pt"
         if last.is_file():
             return last
         log.info("trainer.resume=auto: no %s yet, starting fresh", last)

@@ -171,7 +171,12 @@ def validate(cfg: Config) -> None:
     _check(o.schedule in SCHEDULES, f"optim.schedule='{o.schedule}': use {'|'.join(SCHEDULES)}")
     _check(o.anneal >= 1, f"optim.anneal={o.anneal} must be >= 1")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
-    _check(len(o.betas) == 2, f"optim.betas={o.betas} must hold two numbers")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+           f"optim.betas={o.betas} must be two numbers in [0, 1)")
+    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _check(o.momentum >= 0, f"optim.momentum={o.momentum} must be >= 0")
+    _check(o.eps > 0, f"optim.eps={o.eps} must be > 0")
+    _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     d = cfg.data
     _check(d.min_freq >= 1, f"data.min_freq={d.min_freq} must be >= 1")
     _check(d.max_vocab is None or d.max_vocab >= 3, f"data.max_vocab={d.max_vocab} must be >= 3 or null")

@@ -48,9 +48,13 @@ class Dist:
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts, dim)
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
+    def gather_objects(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj``, in rank order (picklable objects, e.g. RNG states)."""
+        if not self.enabled:
+            return [obj]
+        out: List[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
 
 def from_env() -> Dist:
@@ -60,14 +64,15 @@ def from_env() -> Dist:
     return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init(d: Dist, device_type: str, timeout_s: float) -> None:
+def init(d: Dist, device: torch.device, timeout_s: float) -> None:
+    """Join the process group: gloo for CPU ranks, NCCL for CUDA ranks (``device`` is this rank's GPU)."""
     if not d.enabled or dist.is_initialized():
         return
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     kw: dict[str, Any] = {}
     if backend == "nccl":
-        torch.cuda.set_device(d.local_rank)
-        kw["device_id"] = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+        kw["device_id"] = device
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
 
 

@@ -35,7 +35,7 @@ def run(cfg: EvaluateConfig) -> dict:
     from .data.batching import batchify
     from .data.corpus import check_folder, encode_file
     from .data.datasets import prepare
-    from .trainer import evaluate
+    from .trainer import evaluate, ppl
 
     validate(cfg)
     path = need_checkpoint(cfg.checkpoint, "-m wordlm.evaluate")
@@ -52,7 +52,7 @@ def run(cfg: EvaluateConfig) -> dict:
                     progress_desc=f"{cfg.split}" if cfg.progress else None)
     return {
         "checkpoint": str(path), "split": cfg.split, "tokens": int((data.size(0) - 1) * data.size(1)),
-        "loss": loss, "perplexity": math.exp(loss), "bits_per_word": loss / math.log(2),
+        "loss": loss, "perplexity": ppl(loss), "bits_per_word": loss / math.log(2),
     }
 
 

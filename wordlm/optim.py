@@ -69,7 +69,6 @@ class Schedule:
         return {"plateau_lr": self.plateau_lr, "total": self.total}
 
     def load_state_dict(self, st: Optional[Dict[str, Any]], step: int) -> None:
-        if st:
+        if st:  # total is this run's own: a resumed run may extend epochs or max_steps
             self.plateau_lr = float(st["plateau_lr"])
-            self.total = int(st["total"])
         self.set(step)

@@ -17,7 +17,6 @@ log = logging.getLogger("wordlm")
 
 
 class NullTracker:
-    def scalar(self, tag: str, value: float, step: int) -> None: ...
     def scalars(self, values: Dict[str, float], step: int) -> None: ...
     def text(self, tag: str, text: str, step: int) -> None: ...
     def hparams(self, hparams: Dict[str, Any], metrics: Dict[str, float]) -> None: ...
@@ -35,9 +34,6 @@ class Tracker(NullTracker):
         self.run_dir = Path(run_dir)
         # purge_step: after a resume, TensorBoard drops points a crashed run logged past the checkpoint.
         self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        self.writer.add_scalar(tag, value, step)
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
         for tag, v in values.items():
@@ -62,8 +58,12 @@ class Tracker(NullTracker):
 
 def write_json_atomic(path: Path, values: Dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(values, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(values, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -29,6 +29,7 @@ from .tracking import NullTracker, flatten
 log = logging.getLogger("wordlm")
 
 WARMUP_STEPS = 5  # steps left out of the steady-state tokens/s
+DIST_SYNC_EVERY = 10  # steps between the ranks' agreement on signals and timed checkpoints
 
 
 class Interrupted(Exception):
@@ -47,7 +48,7 @@ class Trainer:
         tc = cfg.trainer
         self.device = runtime.resolve_device(tc.device, self.dist.local_rank)
         self.precision = runtime.resolve_precision(tc.precision, self.device)
-        self.eval_precision = runtime.resolve_precision(tc.eval_precision, self.device)
+        self.eval_precision = runtime.resolve_precision(tc.eval_precision, self.device, key="trainer.eval_precision")
         runtime.setup(tc, self.device)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
@@ -101,6 +102,7 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         self._last_ckpt_time = time.monotonic()
         self._consec_bad = torch.zeros((), device=self.device)
+        self._worst_bad = torch.zeros((), device=self.device)  # longest streak so far: checked without a sync
         self._reset_interval()
 
     # ------------------------------------------------------------------ setup helpers
@@ -118,6 +120,9 @@ class Trainer:
             return batchify(self.corpus.split(split), width)
         except UserError as e:
             raise UserError(f"{split} split: {e}") from None
+
+    def _cpu_weights(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def _fresh_states(self) -> List[Any]:
         return [self.model.init_state(self.micro, self.device) for _ in range(self.cfg.trainer.grad_accum)]
@@ -190,6 +195,7 @@ class Trainer:
         self.states = [map_state(s, lambda t: torch.where(ok, t, torch.zeros_like(t))) for s in self.states]
         okf = ok.float()
         self._consec_bad = (self._consec_bad + 1) * (1 - okf)
+        self._worst_bad = torch.maximum(self._worst_bad, self._consec_bad)
         self._iv_loss += torch.where(ok, step_loss, torch.zeros_like(step_loss))
         self._iv_gnorm += torch.where(ok, gnorm.float(), torch.zeros_like(step_loss))
         self._iv_good += okf
@@ -222,10 +228,10 @@ class Trainer:
                 self._train_epoch()
                 stopped_early = self._done() and self.window < self.steps_per_epoch
                 val = self.evaluate("valid")
-                improved = self.best_val is None or val < self.best_val
+                improved = math.isfinite(val) and (self.best_val is None or val < self.best_val)
                 if improved:
                     self.best_val = val
-                    self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                    self.best_state = self._cpu_weights()
                 self.schedule.on_validation(improved, self.step)
                 if not stopped_early:
                     self.epoch += 1
@@ -289,7 +295,7 @@ class Trainer:
             self._log_interval()
 
     def _check_bad(self) -> None:
-        n = int(self._consec_bad.item())
+        n = int(self._worst_bad.item())
         if n >= self.cfg.trainer.max_bad_steps:
             raise UserError(
                 f"{n} non-finite steps in a row (loss or gradient is NaN/inf) at step {self.step}: "
@@ -307,18 +313,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        # Hidden states: gather every rank's columns so a checkpoint resumes on any number of ranks.
-        states = [map_state(s, lambda t: self.dist.gather_cat(t, dim=-2).cpu()) for s in self.states]
+        """Everything a resumed run needs to continue exactly. Collective: every rank takes part."""
+        iv = self.dist.all_sum(torch.stack([self._iv_loss, self._iv_good, self._iv_gnorm]).float()) / self.dist.world
+        worst = self.dist.all_max(torch.stack([self._consec_bad, self._worst_bad]).float())
         return {
             "step": self.step, "epoch": self.epoch, "window": self.window, "best_val": self.best_val,
             "bad_total": self.bad_total, "train_seconds": self.train_seconds,
             "timed_tokens": self.timed_tokens, "timed_seconds": self.timed_seconds,
-            "world": self.dist.world, "states": states,
+            "world": self.dist.world, "columns": self.cfg.trainer.batch_size * self.cfg.trainer.grad_accum,
+            "bptt": self.cfg.trainer.bptt, "state": self._global_state(),
+            "interval": {"sums": iv.cpu(), "steps": self._iv_steps, "tokens": self._iv_tokens,
+                         "bad": worst.cpu()},
             "schedule": self.schedule.state_dict(),
-            "rng": runtime.rng_state(),
+            "rng": self.dist.gather_objects(runtime.rng_state()),  # one entry per rank
         }
 
+    def _global_state(self) -> Any:
+        """The carried hidden state of every column of the stream, in global column order.
+
+        This rank's K micro-batches are consecutive columns, and ranks hold consecutive blocks, so
+        concatenating micro-batches, then ranks, restores the order: any world size can resume it.
+        """
+        if self.states[0] is None:
+            return None
+        local = _cat_states(self.states)
+        return map_state(local, lambda t: self.dist.gather_cat(t, dim=-2).cpu())
+
     def _save(self, which: str) -> None:
+        self._last_ckpt_time = time.monotonic()  # on every rank: they vote on timed checkpoints
         st = self.state_dict()  # collective: every rank takes part
         if not self.dist.main:
             return
@@ -327,18 +349,21 @@ class Trainer:
             extra["scaler"] = self.scaler.state_dict()
         checkpoint.save(self.ckpt_dir / f"{which}.pt",
                         checkpoint.payload(self.cfg, self.corpus.vocab, self.model.state_dict(), extra))
-        self._last_ckpt_time = time.monotonic()
 
     def _maybe_checkpoint(self) -> None:
         tc = self.cfg.trainer
-        due = bool(tc.checkpoint_every and self.step % tc.checkpoint_every == 0)
-        if tc.checkpoint_minutes and time.monotonic() - self._last_ckpt_time >= 60 * tc.checkpoint_minutes:
-            due = True
+        due = bool(tc.checkpoint_every and self.step % tc.checkpoint_every == 0)  # the same on every rank
+        timed = bool(tc.checkpoint_minutes and time.monotonic() - self._last_ckpt_time >= 60 * tc.checkpoint_minutes)
         stop = self._stop_signal is not None
         if self.dist.enabled:
-            flags = self.dist.all_max(torch.tensor([float(due), float(stop)], device=self.device))
-            due, stop = bool(flags[0]), bool(flags[1])
-        if due or stop:
+            # Clocks and signals differ between ranks, and saving is collective: ranks agree on them
+            # every DIST_SYNC_EVERY steps (one tiny all-reduce), not every step (a host sync each).
+            if self.step % DIST_SYNC_EVERY:
+                timed = stop = False
+            else:
+                flags = self.dist.all_max(torch.tensor([float(timed), float(stop)], device=self.device))
+                timed, stop = bool(flags[0]), bool(flags[1])
+        if due or timed or stop:
             self._save("last")
         if stop:
             raise Interrupted(self._stop_signal or signal.SIGTERM, self.ckpt_dir / "last.pt", self.step)
@@ -361,27 +386,40 @@ class Trainer:
             raise UserError(f"{path}: optimizer state does not fit optim={self.cfg.optim.name} ({e})") from None
         if self.scaler and "scaler" in ck:
             self.scaler.load_state_dict(ck["scaler"])
+        tc = self.cfg.trainer
+        columns = tc.batch_size * tc.grad_accum
+        if int(st["columns"]) != columns or int(st["bptt"]) != tc.bptt:
+            raise UserError(
+                f"{path} was trained with {st['columns']} columns (batch_size x grad_accum) and bptt {st['bptt']}, "
+                f"not {columns} and {tc.bptt}: resume with the same trainer.batch_size, grad_accum and bptt"
+            )
         self.step, self.epoch, self.window = int(st["step"]), int(st["epoch"]), int(st["window"])
         self.best_val = st["best_val"]
         self.bad_total = int(st["bad_total"])
         self.train_seconds = float(st["train_seconds"])
         self.timed_tokens, self.timed_seconds = int(st["timed_tokens"]), float(st["timed_seconds"])
-        K = self.cfg.trainer.grad_accum
-        saved = st["states"]
-        if len(saved) != K:
-            raise UserError(f"{path} was trained with trainer.grad_accum={len(saved)}: resume with the same value")
-        r, w = self.dist.rank, self.micro
-        self.states = [map_state(s, lambda t: t[..., r * w : (r + 1) * w, :].contiguous().to(self.device))
-                       for s in saved]
+        if st["state"] is not None:
+            block = self.micro * tc.grad_accum  # this rank's consecutive columns
+            mine = map_state(st["state"], lambda t: t[..., self.dist.rank * block:(self.dist.rank + 1) * block, :])
+            self.states = [map_state(mine, lambda t, k=k: t[..., k * self.micro:(k + 1) * self.micro, :]
+                                     .contiguous().to(self.device)) for k in range(tc.grad_accum)]
+        iv = st["interval"]
+        sums = iv["sums"].to(self.device)
+        self._iv_loss, self._iv_good, self._iv_gnorm = sums[0].clone(), sums[1].clone(), sums[2].clone()
+        self._iv_steps, self._iv_tokens = int(iv["steps"]), int(iv["tokens"])
+        bad = iv["bad"].to(self.device)
+        self._consec_bad, self._worst_bad = bad[0].clone(), bad[1].clone()
         self.schedule.load_state_dict(st.get("schedule"), self.step)
         best = path.parent / "best.pt"
         if best.is_file() and best.resolve() != Path(path).resolve():
             self.best_state = checkpoint.load(best)["model"]
         elif self.best_val is not None:
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        runtime.set_rng_state(st.get("rng"))
-        if int(st.get("world", 1)) != self.dist.world:
-            runtime.seed_all(self.cfg.trainer.seed + 7919 * self.step + self.dist.rank)
+            self.best_state = self._cpu_weights()
+        rngs = st.get("rng") or []
+        if len(rngs) == self.dist.world:
+            runtime.set_rng_state(rngs[self.dist.rank])
+        else:  # another world size: fresh, distinct streams (dropout masks cannot match anyway)
+            runtime.seed_all(tc.seed + 7919 * self.step + self.dist.rank)
         log.info("resumed from %s at step %d (epoch %d, window %d)", path, self.step, self.epoch + 1, self.window)
 
     # ------------------------------------------------------------------ signals
@@ -434,21 +472,21 @@ class Trainer:
         bad = self._iv_steps - round(good)
         self.bad_total += bad
         tps = self._iv_tokens / elapsed if elapsed > 0 else 0.0
-        ppl = math.exp(min(loss, 50)) if math.isfinite(loss) else float("nan")
+        train_ppl = ppl(loss)
         lr = self.schedule.lr
         log.info("epoch %d | step %d | %d/%d | lr %.4g | loss %.4f | ppl %.2f | grad %.3f | %.0f tok/s | "
-                 "%.1f ms/step%s", self.epoch + 1, self.step, self.window, self.steps_per_epoch, lr, loss, ppl,
+                 "%.1f ms/step%s", self.epoch + 1, self.step, self.window, self.steps_per_epoch, lr, loss, train_ppl,
                  gnorm, tps, 1000 * elapsed / max(1, self._iv_steps), f" | {bad} bad steps skipped" if bad else "")
-        vals = {"train/loss": loss, "train/ppl": ppl, "train/lr": lr, "train/grad_norm": gnorm,
+        vals = {"train/loss": loss, "train/ppl": train_ppl, "train/lr": lr, "train/grad_norm": gnorm,
                 "train/tokens_per_sec": tps, "train/bad_steps": float(self.bad_total)}
         self.tracker.scalars({k: v for k, v in vals.items() if math.isfinite(v)}, self.step)
         self._reset_interval()
 
     def _log_epoch(self, val: float, improved: bool) -> None:
-        ppl = math.exp(val)
+        val_ppl = ppl(val)
         log.info("end of epoch %d | step %d | valid loss %.4f | valid ppl %.2f%s", self.epoch if self.window == 0
-                 else self.epoch + 1, self.step, val, ppl, " | best" if improved else "")
-        self.tracker.scalars({"valid/loss": val, "valid/ppl": ppl}, self.step)
+                 else self.epoch + 1, self.step, val, val_ppl, " | best" if improved else "")
+        self.tracker.scalars({"valid/loss": val, "valid/ppl": val_ppl}, self.step)
         self.tracker.flush()
 
     def _log_sample(self) -> None:
@@ -464,8 +502,8 @@ class Trainer:
     def _finish(self, test: float) -> Dict[str, Any]:
         best = self.best_val if self.best_val is not None else float("nan")
         metrics = {
-            "best_valid_loss": best, "best_valid_ppl": math.exp(best),
-            "test_loss": test, "test_ppl": math.exp(test),
+            "best_valid_loss": best, "best_valid_ppl": ppl(best),
+            "test_loss": test, "test_ppl": ppl(test),
             "train_tokens_per_sec": self.timed_tokens / self.timed_seconds if self.timed_seconds else None,
             "steps": self.step, "epochs": self.epoch if self.window == 0 else self.epoch + self.window /
             self.steps_per_epoch, "params": self.params, "seconds": round(self.train_seconds, 3),
@@ -477,9 +515,26 @@ class Trainer:
         hp = flatten(to_dict(self.cfg))
         self.tracker.hparams({k: v for k, v in hp.items() if v is not None},
                              {"best_valid_ppl": metrics["best_valid_ppl"], "test_ppl": metrics["test_ppl"]})
-        self.tracker.metrics(metrics)
+        try:
+            self.tracker.metrics(metrics)
+        except OSError as e:
+            raise UserError(f"cannot write metrics.json in {self.run_dir}: {e.strerror or e}; the checkpoints are "
+                            f"complete. Free space or make the folder writable") from None
         self.tracker.flush()
         return metrics
+
+
+def _cat_states(states: List[Any]) -> Any:
+    """Concatenate micro-batch states along the batch (column) dimension."""
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(states, dim=-2)
+    return tuple(torch.cat([st[i] for st in states], dim=-2) for i in range(len(first)))
+
+
+def ppl(loss: float) -> float:
+    """Perplexity; NaN stays NaN, a huge loss gives inf instead of an OverflowError."""
+    return math.exp(loss) if loss < 700 else float("inf")
 
 
 def forward_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, state: Any, device: torch.device,
