@@ -185,22 +185,28 @@ def validate(cfg: Config) -> None:
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}
 
 
+def build(cls: type, values: dict) -> Any:
+    """A dataclass from plain values; keys it does not know are ignored (e.g. from an older checkpoint)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in (values or {}).items() if k in known})
+
+
 def from_dict(values: dict) -> Config:
-    """Rebuild a Config from plain containers (e.g. a checkpoint's); unknown keys are ignored."""
-    parts = {}
-    for name, cls in _SECTIONS.items():
-        known = {f.name for f in dataclasses.fields(cls)}
-        parts[name] = cls(**{k: v for k, v in (values.get(name) or {}).items() if k in known})
-    return Config(**parts)
+    """Rebuild a Config from plain containers (e.g. a checkpoint's)."""
+    return Config(**{name: build(cls, values.get(name)) for name, cls in _SECTIONS.items()})
+
+
+def plain(dictconfig: Any) -> dict:
+    """Hydra DictConfig -> plain, resolved containers without the ``hydra`` node."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(dictconfig, resolve=True) if not isinstance(dictconfig, dict) else dict(dictconfig)
+    return {k: v for k, v in values.items() if k != "hydra"}
 
 
 def to_config(dictconfig: Any) -> Config:
     """Hydra DictConfig -> typed, validated Config (the boundary named in DESIGN.md)."""
-    from omegaconf import OmegaConf
-
-    values = OmegaConf.to_container(dictconfig, resolve=True)
-    values = {k: v for k, v in values.items() if k != "hydra"}
-    cfg = from_dict(values)
+    cfg = from_dict(plain(dictconfig))
     validate(cfg)
     return cfg
 

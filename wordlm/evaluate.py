@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .cli import die, entry
-from .config import DataConfig, EvaluateConfig, UserError
-from .generate import build, load_checkpoint, need_checkpoint, plain, resolve_device, resolve_precision
+from .config import DataConfig, EvaluateConfig, UserError, build, plain
+from .generate import load_checkpoint, need_checkpoint, resolve_device, resolve_precision
 
 
 def validate(cfg: EvaluateConfig) -> None:

@@ -6,7 +6,6 @@ the corpus is never read. See README.md ("Generating text and evaluating a check
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -19,25 +18,12 @@ from typing import Any, TextIO
 import torch
 
 from .cli import entry
-from .config import DEVICES, GenerateConfig, UserError
+from .config import DEVICES, GenerateConfig, UserError, build, plain
 
 LONG_RUN_WORDS = 200  # fewer words than this never show a progress bar
 
 
 # ---------------------------------------------------------------------------- shared with evaluate
-def plain(dc: Any) -> dict:
-    """Hydra DictConfig -> plain dict without the ``hydra`` node."""
-    from omegaconf import OmegaConf
-
-    values = OmegaConf.to_container(dc, resolve=True) if not isinstance(dc, dict) else dict(dc)
-    return {k: v for k, v in values.items() if k != "hydra"}
-
-
-def build(cls: type, values: dict) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in known})
-
-
 def need_checkpoint(path: str | None, command: str) -> Path:
     if not path:
         raise UserError(f"checkpoint=PATH is required, e.g. python {command} "

@@ -305,10 +305,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, split: str, bptt: Optional[int] = None) -> float:
+    def evaluate(self, split: str) -> float:
         """Token-weighted mean NLL over ``split`` (reduced across ranks)."""
         data = self.eval_data[split]
-        return evaluate(self.model, data, bptt or self.cfg.trainer.bptt, self.device, self.eval_precision, self.dist,
+        return evaluate(self.model, data, self.cfg.trainer.bptt, self.device, self.eval_precision, self.dist,
                         progress_desc=f"{split}" if self.cfg.trainer.progress and self.dist.main else None)
 
     # ------------------------------------------------------------------ checkpoints
