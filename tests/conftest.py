@@ -34,6 +34,17 @@ def write_corpus(folder: Path, n_lines: Dict[str, int] = None, vocab: int = 30, 
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and one thread does not collapse when other jobs share the CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def corpus_dir(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "corpus")
 

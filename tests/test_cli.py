@@ -23,13 +23,7 @@ MODELS = ("lstm", "gru", "rnn_tanh", "rnn_relu", "transformer")
 ONE_THREAD = "trainer.threads=1"  # tiny models: one thread is fastest, and robust on a shared CPU
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and one thread does not collapse when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_scalars(tb_dir: Path) -> dict:

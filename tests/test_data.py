@@ -11,14 +11,7 @@ import torch
 from wordlm.config import UserError
 from wordlm.data import EOS, UNK, Vocab, batchify, get_window, num_windows, read_corpus
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and one thread does not collapse when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write(folder: Path, train: str, valid: str = "a\n", test: str = "a\n") -> Path:

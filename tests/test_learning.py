@@ -30,13 +30,7 @@ SUCCESSORS = 6  # each symbol can be followed by this many others (keeps the sou
 TOKENS = {"train": 24_000, "valid": 6_000, "test": 6_000}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and one thread does not collapse when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_chain(seed: int = 0) -> torch.Tensor:

@@ -13,13 +13,7 @@ RNNS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 ALL = (*RNNS, "transformer")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and one thread does not collapse when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str, tied: bool = False, **kw) -> ModelConfig:

@@ -34,6 +34,15 @@ def die(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+def leave(e: BaseException) -> NoReturn:
+    """Exit for a UserError (one line, code 2) or an Exit (its message, if any, and its code)."""
+    if isinstance(e, Exit):
+        if str(e):
+            sys.stderr.write(f"wordlm: {e}\n")
+        sys.exit(e.code)
+    die(str(e))
+
+
 _NOISE = re.compile(r"^\s*(full_key|reference_type|object_type|To append to your config|Config search path)")
 
 
@@ -86,12 +95,8 @@ def _run_and_report(func: Callable[[], Any]) -> Any:
 
     try:
         return func()
-    except UserError as e:
-        die(str(e))
-    except Exit as e:
-        if str(e):
-            sys.stderr.write(f"wordlm: {e}\n")
-        sys.exit(e.code)
+    except (UserError, Exit) as e:
+        leave(e)
     except (HydraException, OmegaConfBaseException) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -113,12 +118,8 @@ def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], A
         # "Error executing job with overrides" line from Hydra before ours.
         try:
             return task(dc)
-        except UserError as e:
-            die(str(e))
-        except Exit as e:
-            if str(e):
-                sys.stderr.write(f"wordlm: {e}\n")
-            sys.exit(e.code)
+        except (UserError, Exit) as e:
+            leave(e)
 
     job.__name__ = job.__qualname__ = task.__name__
     job.__module__ = task.__module__
