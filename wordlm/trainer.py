@@ -46,6 +46,13 @@ class Trainer:
         self.dist = dist or Dist()
         self.tracker = tracker or NullTracker()
         tc = cfg.trainer
+        W, K = self.dist.world, tc.grad_accum
+        if tc.batch_size % W:
+            raise UserError(f"trainer.batch_size={tc.batch_size} does not split over {W} ranks: use a multiple of {W}")
+        if tc.eval_batch_size % W:
+            raise UserError(
+                f"trainer.eval_batch_size={tc.eval_batch_size} does not split over {W} ranks: use a multiple of {W}"
+            )
         self.device = runtime.resolve_device(tc.device, self.dist.local_rank)
         self.precision = runtime.resolve_precision(tc.precision, self.device)
         self.eval_precision = runtime.resolve_precision(tc.eval_precision, self.device, key="trainer.eval_precision")
@@ -61,13 +68,6 @@ class Trainer:
 
         # Data: global columns = batch_size * grad_accum; this rank holds its share, split into
         # grad_accum micro-batches, each carrying its own hidden state.
-        W, K = self.dist.world, tc.grad_accum
-        if tc.batch_size % W:
-            raise UserError(f"trainer.batch_size={tc.batch_size} does not split over {W} ranks: use a multiple of {W}")
-        if tc.eval_batch_size % W:
-            raise UserError(
-                f"trainer.eval_batch_size={tc.eval_batch_size} does not split over {W} ranks: use a multiple of {W}"
-            )
         self.micro = tc.batch_size // W  # columns per micro-step on this rank
         self.train_data = self._shard(self._columns("train", tc.batch_size * K), self.micro * K)  # (T, micro*K)
         self.eval_data = {s: self._shard(self._columns(s, tc.eval_batch_size), tc.eval_batch_size // W)
