@@ -534,7 +534,7 @@ def _cat_states(states: List[Any]) -> Any:
 
 def ppl(loss: float) -> float:
     """Perplexity; NaN stays NaN, a huge loss gives inf instead of an OverflowError."""
-    return math.exp(loss) if loss < 700 else float("inf")
+    return math.exp(loss) if not loss >= 700 else float("inf")
 
 
 def forward_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, state: Any, device: torch.device,
