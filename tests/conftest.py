@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny model and run that any test can shrink further: fast on 2 CPU cores.
 TINY = [
-    "model.emsize=16", "model.nhid=16", "model.nlayers=1", "model.nhead=2", "model.dropout=0.0",
+    "model.emsize=16", "model.nhid=16", "model.nlayers=1", "model.dropout=0.0",
     "trainer.batch_size=4", "trainer.eval_batch_size=4", "trainer.bptt=8", "trainer.epochs=1",
     "trainer.log_interval=5", "trainer.sample_words=5", "trainer.progress=false", "trainer.threads=1",
 ]

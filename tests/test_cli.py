@@ -14,7 +14,7 @@ from conftest import run_cli, train_args, write_corpus
 
 from wordlm.checkpoint import load_model
 from wordlm.data import batchify, read_corpus
-from wordlm.trainer import evaluate
+from wordlm.scoring import nll as evaluate
 
 METRIC_KEYS = ("best_valid_ppl", "test_ppl", "train_tokens_per_sec", "steps", "epochs", "params", "seconds")
 TRAIN_TAGS = ("train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_sec")
@@ -41,8 +41,12 @@ def read_scalars(tb_dir: Path) -> dict:
     return out
 
 
+def tokens_per_column(corpus_dir: Path, batch_size: int = 4) -> int:
+    return read_corpus(corpus_dir).train.numel() // batch_size
+
+
 def steps_per_epoch(corpus_dir: Path, batch_size: int = 4, bptt: int = 8) -> int:
-    rows = read_corpus(corpus_dir).train.numel() // batch_size
+    rows = tokens_per_column(corpus_dir, batch_size)
     return (rows - 1 + bptt - 1) // bptt
 
 
@@ -148,14 +152,15 @@ def test_max_steps_stops_early_and_multirun_writes_one_dir_per_job(tmp_path, cor
         assert f"trainer.max_steps={max_steps}" in overrides
         m = json.loads((job / "metrics.json").read_text())
         assert m["steps"] == max_steps  # stopped early: far short of 3 epochs
-        assert m["epochs"] == pytest.approx(max_steps / spe)
+        assert m["epochs"] == pytest.approx(max_steps * 8 / (tokens_per_column(corpus_dir) - 1))  # bptt 8
+        assert m["epochs"] < 1 and max_steps < spe and m["stop_reason"] == "max_steps"
         assert math.isfinite(m["test_ppl"]) and math.isfinite(m["best_valid_ppl"])  # still evaluates and tests
         assert (job / "checkpoints" / "best.pt").is_file() and (job / "checkpoints" / "last.pt").is_file()
         ck = torch.load(job / "checkpoints" / "last.pt", weights_only=True)
         assert ck["trainer"]["step"] == max_steps
         assert ck["config"]["trainer"]["max_steps"] == max_steps
         log = (job / "train.log").read_text()
-        assert f"end of epoch 1 | step {max_steps} | valid loss" in log
+        assert f"- epoch 1 | step {max_steps} | valid loss" in log and "end of epoch 1" not in log
         assert "end of epoch 2" not in log
         assert list((job / "tb").glob("events.out.tfevents.*"))
 

@@ -11,7 +11,8 @@ import torch
 from conftest import run_cli, train_args, write_corpus
 
 from wordlm import checkpoint
-from wordlm.config import Config, GenerateConfig, ModelConfig, UserError
+from wordlm.config import Config, GenerateConfig, UserError
+from wordlm.models import model_config
 from wordlm.data.vocab import Vocab
 from wordlm.generate import run as generate_run
 from wordlm.generate import validate
@@ -55,7 +56,9 @@ def ckpt(run_dir) -> Path:
 
 def tiny_model(name: str, seed: int = 0, **kw) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = ModelConfig(name=name, emsize=16, nhid=24, nlayers=2, nhead=2, dropout=0.3, **kw)
+    if name == "transformer":
+        kw.setdefault("nhead", 2)
+    cfg = model_config(name=name, emsize=16, nhid=24, nlayers=2, dropout=0.3, **kw)
     return build_model(cfg, V).eval()
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from wordlm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
+from wordlm.models import model_config
 from wordlm.data import read_corpus
 from wordlm.trainer import Trainer
 
@@ -156,13 +157,13 @@ def train_on(folder: Path, tmp_path: Path, model: ModelConfig, trainer: TrainerC
 
 CASES = {
     "lstm": (
-        ModelConfig(name="lstm", emsize=32, nhid=64, nlayers=1, dropout=0.0),
+        model_config(name="lstm", emsize=32, nhid=64, nlayers=1, dropout=0.0),
         TrainerConfig(epochs=8, batch_size=16, eval_batch_size=10, bptt=25, clip=1.0, log_interval=1000,
                       device="cpu", sample_words=0, progress=False, seed=3),
         1e-2,
     ),
     "transformer": (
-        ModelConfig(name="transformer", emsize=32, nhid=64, nlayers=1, nhead=2, dropout=0.0),
+        model_config(name="transformer", emsize=32, nhid=64, nlayers=1, nhead=2, dropout=0.0),
         TrainerConfig(epochs=10, batch_size=32, eval_batch_size=10, bptt=64, clip=1.0, log_interval=1000,
                       device="cpu", sample_words=0, progress=False, seed=3),
         1e-2,

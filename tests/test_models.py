@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from wordlm.config import ModelConfig, UserError
+from wordlm.models import model_config
 from wordlm.models import RNNModel, TransformerModel, build_model, count_params, detach_state
 
 V, T, B = 23, 7, 3
@@ -17,9 +18,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str, tied: bool = False, **kw) -> ModelConfig:
-    base = {"name": name, "emsize": 16, "nhid": 16, "nlayers": 2, "dropout": 0.1, "tied": tied, "nhead": 2}
+    base = {"name": name, "emsize": 16, "nhid": 16, "nlayers": 2, "dropout": 0.1, "tied": tied}
+    if name == "transformer":
+        base["nhead"] = 2
     base.update(kw)
-    return ModelConfig(**base)
+    return model_config(**base)
 
 
 def tokens(T: int = T, B: int = B, seed: int = 0) -> torch.Tensor:
@@ -171,7 +174,7 @@ def test_dropout_is_active_in_train_mode_only():
     (tiny("transformer", emsize=16, nhead=3), ["model.nhead=3", "model.emsize=16"]),
     (tiny("gru", nhid=0), ["model.nhid=0"]),
     (tiny("lstm", nlayers=0), ["model.nlayers=0"]),
-    (tiny("foo"), ["foo", "lstm", "transformer"]),
+    (ModelConfig(name="foo"), ["foo", "lstm", "transformer"]),
     (tiny("lstm", dropout=1.0), ["model.dropout"]),
 ])
 def test_build_model_rejects_impossible_configs(cfg, words):

@@ -146,13 +146,14 @@ def test_truncated_checkpoint_is_rejected_on_resume(corpus, trained, tmp_path):
 
 def _trainer(corpus: Path, run: Path, **model):
     """An in-process Trainer with the TINY sizes (resume checks need no subprocess)."""
-    from wordlm.config import Config, ModelConfig, OptimConfig, TrainerConfig
+    from wordlm.config import Config, OptimConfig, TrainerConfig
+    from wordlm.models import model_config
     from wordlm.data import read_corpus
     from wordlm.trainer import Trainer
 
     fused = model.pop("optim_fused", None)
     m = {"emsize": 16, "nhid": 16, "nlayers": 1, "dropout": 0.0, **model}
-    cfg = Config(model=ModelConfig(**m), optim=OptimConfig(fused=fused),
+    cfg = Config(model=model_config(**m), optim=OptimConfig(fused=fused),
                  trainer=TrainerConfig(batch_size=4, eval_batch_size=4, bptt=8, progress=False, threads=1))
     return Trainer(cfg, read_corpus(corpus), run)
 
@@ -164,17 +165,17 @@ def test_non_finite_step_leaves_weights_untouched(corpus, tmp_path, fused):
     from wordlm.data import get_window
 
     t = _trainer(corpus, tmp_path, optim_fused=fused)
-    assert t.fused == fused
+    assert t.step_fn.fused == fused
     x, y = get_window(t.train_data, 0, 8)
     t.train_step(x, y)
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     t.cfg.trainer.debug_nan_at_step, t.step = 0, 0
-    ok = t.train_step(x, y)
+    ok, _, _ = t.train_step(x, y)
     assert not bool(ok)
     assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
-    assert int(t._consec_bad) == 1
+    assert int(t.step_fn.consec_bad) == 1
     t.cfg.trainer.debug_nan_at_step = None
-    assert bool(t.train_step(x, y)) and int(t._consec_bad) == 0
+    assert bool(t.train_step(x, y)[0]) and int(t.step_fn.consec_bad) == 0
     assert any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())
 
 

@@ -28,10 +28,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from .models import train_flops_per_token
-
-BASELINE_MODEL = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU",
-                  "transformer": "Transformer"}
+from .models import model_class, train_flops_per_token
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
@@ -105,12 +102,12 @@ def measure_one(overrides: List[str], steps: int, warmup: int) -> Dict[str, Any]
 
     # Evaluation: the first windows of the validation split.
     data = t.eval_data["valid"][: 40 * bptt + 1]
-    from .trainer import evaluate
+    from .scoring import nll
 
-    evaluate(t.model, data[: 2 * bptt + 1], bptt, dev, t.eval_precision)
+    nll(t.model, data[: 2 * bptt + 1], bptt, dev, t.eval_precision)
     _sync(dev)
     t0 = time.perf_counter()
-    evaluate(t.model, data, bptt, dev, t.eval_precision)
+    nll(t.model, data, bptt, dev, t.eval_precision)
     _sync(dev)
     eval_tps = (data.size(0) - 1) * data.size(1) / (time.perf_counter() - t0)
 
@@ -135,7 +132,7 @@ def measure_one(overrides: List[str], steps: int, warmup: int) -> Dict[str, Any]
         "mfu": flops * tps / peak, "matmul_peak_tflops": peak / 1e12, "model_tflops": flops * tps / 1e12,
         "eval_tokens_per_sec": eval_tps, "gen_words_per_sec": gen_wps, "device": str(dev),
         "precision": t.precision, "threads": torch.get_num_threads(), "params": t.params,
-        "compile": t.compiled,
+        "compile": t.step_fn.compiled,
     }
 
 
@@ -144,14 +141,9 @@ def baseline_args(overrides: List[str], steps: int, warmup: int) -> List[str]:
     from .data.datasets import corpus_dir
 
     m, tc = cfg.model, cfg.trainer
-    args = ["--data", str(corpus_dir(cfg.data)), "--model", BASELINE_MODEL[m.name], "--emsize", str(m.emsize),
-            "--nhid", str(m.nhid), "--nlayers", str(m.nlayers), "--nhead", str(m.nhead), "--dropout",
-            str(m.dropout), "--lr", str(cfg.optim.lr), "--clip", str(tc.clip or 0), "--batch-size",
-            str(tc.batch_size), "--bptt", str(tc.bptt), "--steps", str(steps), "--warmup", str(warmup),
-            "--seed", str(tc.seed)]
-    if m.tied:
-        args.append("--tied")
-    return args
+    return ["--data", str(corpus_dir(cfg.data)), *model_class(m.name).classic_args(m), "--lr", str(cfg.optim.lr),
+            "--clip", str(tc.clip or 0), "--batch-size", str(tc.batch_size), "--bptt", str(tc.bptt), "--steps",
+            str(steps), "--warmup", str(warmup), "--seed", str(tc.seed)]
 
 
 def _subprocess_json(cmd: List[str], env: Dict[str, str]) -> Dict[str, Any]:

@@ -21,7 +21,7 @@ from .config import Config, UserError, from_dict, to_dict
 from .data.vocab import Vocab
 
 FORMAT = "wordlm-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: trainer state by part (position in tokens, meter, step, schedule, callbacks); 1 is upgraded
 
 
 def save(path: os.PathLike, payload: Dict[str, Any]) -> None:
@@ -100,9 +100,35 @@ def load(path: os.PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
         ) from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise UserError(f"{path} is not a wordlm checkpoint (no '{FORMAT}' marker)")
+    version = ck.get("version")
+    if not isinstance(version, int) or not 1 <= version <= VERSION:
+        raise UserError(f"{path} is a wordlm checkpoint of format version {version!r}, and this wordlm reads "
+                        f"versions 1 to {VERSION}: use the wordlm release that wrote it (or a newer one)")
     for key in ("model", "config", "vocab"):
         if key not in ck:
             raise UserError(f"{path} is an incomplete wordlm checkpoint: '{key}' is missing")
+    if version == 1 and "trainer" in ck:
+        ck = _upgrade_v1(ck)
+    return ck
+
+
+def _upgrade_v1(ck: Dict[str, Any]) -> Dict[str, Any]:
+    """Format 1 kept the trainer state flat and counted windows; format 2 keeps it by part, in tokens."""
+    old = ck["trainer"]
+    iv = old["interval"]
+    step_fn = {"bad": iv["bad"]}
+    if "scaler" in ck:
+        step_fn["scaler"] = ck["scaler"]
+    ck["trainer"] = {
+        "step": old["step"], "epoch": old["epoch"], "pos": int(old["window"]) * int(old["bptt"]),
+        "best_val": old["best_val"], "validated_at": old["step"] if int(old["window"]) == 0 else -1,
+        "bad_total": old["bad_total"], "seconds": old["train_seconds"], "world": old["world"],
+        "columns": old["columns"], "bptt": old["bptt"], "state": old["state"],
+        "meter": {"sums": iv["sums"], "steps": iv["steps"], "tokens": iv["tokens"]},
+        "throughput": {"tokens": old["timed_tokens"], "seconds": old["timed_seconds"]},
+        "step_fn": step_fn, "schedule": old.get("schedule") or {"plateau_lr": ck["config"]["optim"]["lr"]},
+        "windows": {}, "callbacks": [], "rng": old.get("rng"),
+    }
     return ck
 
 
@@ -129,6 +155,16 @@ def load_model(path: os.PathLike, device: Any = "cpu") -> Loaded:
     load_weights(model, ck["model"], str(path))
     model.to(device)
     return Loaded(cfg, vocab, model, ck)
+
+
+def init_from(model: torch.nn.Module, vocab: Vocab, path: Any) -> None:
+    """``trainer.init_from``: a new run starts from a checkpoint's model weights (nothing else of it)."""
+    p = Path(str(path)).expanduser()
+    ck = load(p)
+    if ck["vocab"] != vocab.itos:
+        raise UserError(f"trainer.init_from={path} was trained with another vocabulary ({len(ck['vocab'])} words, "
+                        f"this corpus gives {len(vocab)}): use the same data settings as that run")
+    load_weights(model, ck["model"], f"trainer.init_from={path}")
 
 
 def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:

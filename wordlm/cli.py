@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from .config import UserError, register_configs
 
 log = logging.getLogger("wordlm")
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package
 
 
 class Exit(Exception):
@@ -72,16 +72,22 @@ def _suggest(ex: BaseException) -> str:
     import dataclasses
     import difflib
 
+    from . import models
     from .config import _SECTIONS
 
     m = re.search(r"Could not override '([\w.]+)'", str(ex)) or re.search(r"full_key: ([\w.]+)", str(ex.__cause__))
     if not m or "." not in m.group(1):
         return ""
     section, key = m.group(1).split(".", 1)
-    cls = _SECTIONS.get(section)
-    if cls is None:
+    if section == "model":  # every model type's keys
+        owners = [n for n in models.names() if key in {f.name for f in dataclasses.fields(models.config_class(n))}]
+        if owners:
+            return f" model.{key} is a setting of model={'|'.join(owners)} only."
+        names = sorted({f.name for n in models.names() for f in dataclasses.fields(models.config_class(n))})
+    elif section in _SECTIONS:
+        names = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+    else:
         return ""
-    names = [f.name for f in dataclasses.fields(cls)]
     if key in names:
         return ""
     close = difflib.get_close_matches(key, names, n=1)

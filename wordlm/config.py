@@ -17,7 +17,6 @@ class UserError(Exception):
     """A mistake the user can fix (config, files, data): reported as one line, no traceback."""
 
 
-MODEL_NAMES = ("lstm", "gru", "rnn_tanh", "rnn_relu", "transformer")
 OPTIM_NAMES = ("sgd", "adamw")
 SCHEDULES = ("plateau", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -26,13 +25,27 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class ModelConfig:
-    name: str = "lstm"  # lstm | gru | rnn_tanh | rnn_relu | transformer
+    """The keys every model type has. Each type extends it with its own keys in its own file under
+    ``wordlm/models/`` (an LSTM's config has no ``nhead``); ``name`` picks the type from the registry."""
+
+    name: str = "lstm"  # a registered model type: lstm | gru | rnn_tanh | rnn_relu | transformer
     emsize: int = 200  # word embedding size
     nhid: int = 200  # RNN hidden size / transformer feed-forward size
     nlayers: int = 2  # number of layers
     dropout: float = 0.2  # dropout probability
     tied: bool = False  # tie the decoder weights to the embedding (needs emsize == nhid for RNNs)
-    nhead: int = 2  # attention heads (transformer only); must divide emsize
+
+    def validate(self) -> None:
+        for k in ("emsize", "nhid", "nlayers"):
+            v = getattr(self, k)
+            _check(v >= 1, f"model.{k}={v} is impossible: it must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+def _default_model() -> ModelConfig:
+    from .models import model_config
+
+    return model_config("lstm")
 
 
 @dataclass
@@ -44,7 +57,8 @@ class DataConfig:
     checksum: Optional[str] = None  # "md5:<hex>" or "sha256:<hex>" of the download; null = the data set's own
     min_freq: int = 1  # words seen fewer times in train become <unk>
     max_vocab: Optional[int] = None  # keep only the most frequent words (specials included); null = all
-    cache: bool = True  # cache tokenised corpora next to the text
+    cache: bool = True  # cache tokenised corpora (in cache_dir, never in the corpus folder)
+    cache_dir: Optional[str] = None  # null = $WORDLM_CACHE_DIR, else <data root>/cache
 
 
 @dataclass
@@ -73,6 +87,9 @@ class TrainerConfig:
     log_interval: int = 200  # optimizer steps between log lines / TensorBoard points
     device: str = "auto"  # auto | cpu | cuda
     max_steps: Optional[int] = None  # stop after this many optimizer steps (still evaluate, save, test)
+    max_minutes: Optional[float] = None  # wall-clock budget of the whole run (then evaluate, save, test)
+    eval_every: Optional[int] = None  # also validate every N optimizer steps (not only at epoch ends)
+    init_from: Optional[str] = None  # start a new run from this checkpoint's model weights only
     precision: str = "auto"  # training: auto | fp32 | bf16 | fp16
     eval_precision: str = "fp32"  # evaluation (valid/test perplexity): fp32 keeps reported numbers exact
     compile: Optional[bool] = None  # torch.compile the model; null = auto
@@ -92,7 +109,7 @@ class TrainerConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = field(default_factory=_default_model)  # a ModelConfig subclass, chosen by model.name
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -130,27 +147,10 @@ def _check(ok: bool, msg: str) -> None:
         raise UserError(msg)
 
 
-def validate_model(m: ModelConfig) -> None:
-    _check(m.name in MODEL_NAMES, f"unknown model '{m.name}': use model={'|'.join(MODEL_NAMES)}")
-    for k in ("emsize", "nhid", "nlayers", "nhead"):
-        v = getattr(m, k)
-        _check(v >= 1, f"model.{k}={v} is impossible: it must be >= 1")
-    _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-    if m.name == "transformer":
-        _check(
-            m.emsize % m.nhead == 0,
-            f"model.nhead={m.nhead} does not divide model.emsize={m.emsize}: pick nhead that divides emsize",
-        )
-    elif m.tied:
-        _check(
-            m.emsize == m.nhid,
-            f"model.tied=true needs model.emsize == model.nhid (got {m.emsize} and {m.nhid}): "
-            f"set model.nhid={m.emsize} or model.tied=false",
-        )
-
-
 def validate(cfg: Config) -> None:
     """Check values the type system cannot; raise UserError naming the key and the fix."""
+    from .models import validate_model
+
     validate_model(cfg.model)
     t, o = cfg.trainer, cfg.optim
     for k in ("epochs", "batch_size", "eval_batch_size", "bptt", "log_interval", "grad_accum", "max_bad_steps"):
@@ -163,7 +163,8 @@ def validate(cfg: Config) -> None:
     _check(t.eval_precision in PRECISIONS,
            f"trainer.eval_precision='{t.eval_precision}': use {'|'.join(PRECISIONS)}")
     _check(t.threads is None or t.threads >= 1, f"trainer.threads={t.threads} must be >= 1 or null")
-    for k in ("checkpoint_every", "checkpoint_minutes"):
+    _check(t.eval_every is None or t.eval_every >= 1, f"trainer.eval_every={t.eval_every} must be >= 1 or null")
+    for k in ("checkpoint_every", "checkpoint_minutes", "max_minutes"):
         v = getattr(t, k)
         _check(v is None or v > 0, f"trainer.{k}={v} must be > 0 or null")
     _check(o.name in OPTIM_NAMES, f"unknown optimizer '{o.name}': use optim={'|'.join(OPTIM_NAMES)}")
@@ -182,7 +183,7 @@ def validate(cfg: Config) -> None:
     _check(d.max_vocab is None or d.max_vocab >= 3, f"data.max_vocab={d.max_vocab} must be >= 3 or null")
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}  # model: by its name
 
 
 def build(cls: type, values: dict) -> Any:
@@ -193,7 +194,10 @@ def build(cls: type, values: dict) -> Any:
 
 def from_dict(values: dict) -> Config:
     """Rebuild a Config from plain containers (e.g. a checkpoint's)."""
-    return Config(**{name: build(cls, values.get(name)) for name, cls in _SECTIONS.items()})
+    from .models import config_from_dict
+
+    return Config(model=config_from_dict(values.get("model") or {}),
+                  **{name: build(cls, values.get(name)) for name, cls in _SECTIONS.items()})
 
 
 def plain(dictconfig: Any) -> dict:
@@ -219,7 +223,13 @@ def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore: typos and wrong types fail before training."""
     from hydra.core.config_store import ConfigStore
 
+    from omegaconf import MISSING
+
+    from . import models
+
     cs = ConfigStore.instance()
-    cs.store(name="wordlm_schema", node=Config)
+    cs.store(name="wordlm_schema", node=Config(model=MISSING))  # conf/model/<name>.yaml fills model
+    for name in models.names():  # each model YAML extends its own type's schema: /schema/model/<name>
+        cs.store(group="schema/model", name=name, node=models.config_class(name)(name=name))
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)

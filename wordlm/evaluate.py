@@ -2,7 +2,7 @@
 
 Prints one line of JSON: loss (mean NLL per word, nats), perplexity and bits per word. The text
 is encoded with the checkpoint's own vocabulary (words it lacks become ``<unk>``), batched and
-windowed as the trainer does, and scored by the trainer's own :func:`wordlm.trainer.evaluate`:
+windowed as the trainer does, and scored by the trainer's own :func:`wordlm.scoring.nll`:
 with the same batch size, bptt and precision, the number equals the trainer's test loss.
 """
 
@@ -35,7 +35,7 @@ def run(cfg: EvaluateConfig) -> dict:
     from .data.batching import batchify
     from .data.corpus import check_folder, encode_file
     from .data.datasets import prepare
-    from .trainer import evaluate, ppl
+    from .scoring import nll, ppl
 
     validate(cfg)
     path = need_checkpoint(cfg.checkpoint, "-m wordlm.evaluate")
@@ -48,7 +48,7 @@ def run(cfg: EvaluateConfig) -> dict:
     ids = encode_file(files[cfg.split], loaded.vocab)  # (N,) with the checkpoint's vocabulary, never a rebuilt one
     data = batchify(ids, cfg.batch_size or loaded.config.trainer.eval_batch_size, device)  # (T, B)
     bptt = cfg.bptt or loaded.config.trainer.bptt
-    loss = evaluate(loaded.model, data, bptt, device, precision,
+    loss = nll(loaded.model, data, bptt, device, precision,
                     progress_desc=f"{cfg.split}" if cfg.progress else None)
     return {
         "checkpoint": str(path), "split": cfg.split, "tokens": int((data.size(0) - 1) * data.size(1)),

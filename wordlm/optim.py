@@ -50,8 +50,9 @@ class Schedule:
         t = min(1.0, (step - c.warmup_steps) / span)
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
-    def set(self, step: int) -> float:
-        lr = self.lr_at(step)
+    def set(self, step: int, scale: float = 1.0) -> float:
+        """Set the lr of ``step``, times ``scale`` (a variable-length BPTT step scales it by its length)."""
+        lr = self.lr_at(step) * scale
         for g in self.opt.param_groups:
             g["lr"] = lr
         return lr

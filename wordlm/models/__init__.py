@@ -1,31 +1,116 @@
-"""One interface for every model: ``forward(tokens (T, B), state) -> (log_probs (T, B, V), state)``."""
+"""Every model answers one interface, and a registry maps ``model.name`` to its class and config.
+
+    forward(tokens (T, B), state, aux=False) -> (log_probs (T, B, V), state)            # aux=False
+                                             -> (log_probs (T, B, V), state, aux dict)  # aux=True
+
+``aux`` holds what a loss term or an evaluation method may need besides the log-probs, under
+names every model uses the same way: ``hidden`` (T, B, H), the final features the decoder reads
+(after dropout in training), and ``raw_hidden``, the same before that dropout.
+
+A model type is one file here: a class decorated with :func:`register`, naming its config
+dataclass (a :class:`~wordlm.config.ModelConfig` subclass), plus one YAML under ``conf/model/``.
+Nothing outside this package asks which model type it holds.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable, Dict, List, Tuple, Type
 
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig, validate_model
-from .rnn import RNNModel
-from .transformer import TransformerModel
+from ..config import ModelConfig, UserError
+
+_REGISTRY: Dict[str, Tuple[Type["LanguageModel"], Type[ModelConfig]]] = {}
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    validate_model(cfg)
-    if cfg.name == "transformer":
-        return TransformerModel(cfg, vocab_size)
-    return RNNModel(cfg, vocab_size)
+class LanguageModel(nn.Module):
+    """What every registered model provides besides ``forward``."""
+
+    def init_state(self, batch_size: int, device=None) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @classmethod
+    def flops_per_token(cls, cfg: ModelConfig, vocab_size: int, bptt: int) -> float:
+        """Forward matmul FLOPs of one token (MFU and the auto-compile decision use 3x this for training)."""
+        raise NotImplementedError
+
+    @classmethod
+    def classic_args(cls, cfg: ModelConfig) -> List[str]:
+        """The classic example's command-line flags for this model (the benchmark's baseline)."""
+        raise NotImplementedError
+
+
+def register(*names: str, config: Type[ModelConfig]) -> Callable[[type], type]:
+    """Class decorator: ``model.name`` in ``names`` builds this class from a ``config`` instance."""
+
+    def deco(cls: type) -> type:
+        for n in names:
+            _REGISTRY[n] = (cls, config)
+        return cls
+
+    return deco
+
+
+def names() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def _entry(name: str):
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model '{name}': use model={'|'.join(names())}")
+    return _REGISTRY[name]
+
+
+def model_class(name: str) -> Type[LanguageModel]:
+    return _entry(name)[0]
+
+
+def config_class(name: str) -> Type[ModelConfig]:
+    return _entry(name)[1]
+
+
+def model_config(name: str = "lstm", **values: Any) -> ModelConfig:
+    """The config dataclass of model ``name`` with ``values``; keys it does not know are a UserError."""
+    cls = config_class(name)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"model={name} has no setting {', '.join('model.' + k for k in unknown)}")
+    return cls(name=name, **values)
+
+
+def config_from_dict(values: Dict[str, Any]) -> ModelConfig:
+    """Rebuild a model config from plain values (a checkpoint's): keys the type lacks are dropped."""
+    values = dict(values or {})
+    cls = config_class(values.get("name", "lstm"))
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def validate_model(cfg: ModelConfig) -> None:
+    _entry(cfg.name)
+    cfg.validate()
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> LanguageModel:
+    cls, conf = _entry(cfg.name)
+    if not isinstance(cfg, conf):  # e.g. a plain ModelConfig: take its values into the type's own config
+        cfg = conf(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                      if f.name in {g.name for g in dataclasses.fields(conf)}})
+    cfg.validate()
+    return cls(cfg, vocab_size)
+
+
+def train_flops_per_token(cfg: ModelConfig, vocab_size: int, bptt: int) -> float:
+    """Model FLOPs of one training token: 3 x the forward matmul FLOPs (forward + 2 for backward)."""
+    return 3 * model_class(cfg.name).flops_per_token(cfg, vocab_size, bptt)
 
 
 def detach_state(state: Any) -> Any:
     """Cut the graph between BPTT windows; works for None, a tensor or a tuple of tensors."""
-    if state is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    return tuple(detach_state(s) for s in state)
+    return map_state(state, lambda t: t.detach())
 
 
 def map_state(state: Any, fn) -> Any:
@@ -36,25 +121,14 @@ def map_state(state: Any, fn) -> Any:
     return tuple(map_state(s, fn) for s in state)
 
 
-def train_flops_per_token(m: ModelConfig, vocab: int, bptt: int) -> float:
-    """Model FLOPs of one training token: 3 x the forward matmul FLOPs (forward + 2 for backward)."""
-    gates = {"lstm": 4, "gru": 3}.get(m.name, 1)
-    if m.name == "transformer":
-        d, f = m.emsize, m.nhid
-        per_layer = 2 * (4 * d * d + 2 * d * f) + 2 * 2 * d * bptt / 2  # projections, FFN, causal attention
-        fwd = m.nlayers * per_layer + 2 * d * vocab
-    else:
-        fwd = 0.0
-        for layer in range(m.nlayers):
-            fan_in = m.emsize if layer == 0 else m.nhid
-            fwd += 2 * gates * m.nhid * (fan_in + m.nhid)
-        fwd += 2 * m.nhid * vocab
-    return 3 * fwd
-
-
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-__all__ = ["RNNModel", "TransformerModel", "build_model", "count_params", "detach_state", "map_state",
-           "train_flops_per_token"]
+# The built-in model types register themselves on import.
+from .rnn import RNNConfig, RNNModel  # noqa: E402
+from .transformer import TransformerConfig, TransformerModel  # noqa: E402
+
+__all__ = ["LanguageModel", "RNNConfig", "RNNModel", "TransformerConfig", "TransformerModel", "build_model",
+           "config_class", "config_from_dict", "count_params", "detach_state", "map_state", "model_class",
+           "model_config", "names", "register", "train_flops_per_token", "validate_model"]

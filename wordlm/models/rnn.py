@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from ..config import ModelConfig, UserError
+from . import LanguageModel, register
 
 State = Optional[object]  # tensor (GRU/RNN), (h, c) tuple (LSTM), or None (zeros)
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+CLASSIC_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU"}
 
 
-class RNNModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+@dataclass
+class RNNConfig(ModelConfig):
+    """lstm | gru | rnn_tanh | rnn_relu: the shared keys of ModelConfig, nothing else yet."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.tied and self.emsize != self.nhid:
+            raise UserError(f"model.tied=true needs model.emsize == model.nhid (got {self.emsize} and {self.nhid}): "
+                            f"set model.nhid={self.emsize} or model.tied=false")
+
+
+@register("lstm", "gru", "rnn_tanh", "rnn_relu", config=RNNConfig)
+class RNNModel(LanguageModel):
+    def __init__(self, cfg: RNNConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.drop = nn.Dropout(cfg.dropout)
@@ -40,10 +56,28 @@ class RNNModel(nn.Module):
         z = torch.zeros(self.cfg.nlayers, batch_size, self.cfg.nhid, device=device)
         return (z, z.clone()) if self.cfg.name == "lstm" else z
 
-    def forward(self, tokens: torch.Tensor, state: State = None):
+    def forward(self, tokens: torch.Tensor, state: State = None, aux: bool = False):
         emb = self.drop(self.encoder(tokens))  # (T, B, E)
-        out, state = self.rnn(emb, state)  # (T, B, H)
-        logits = self.decoder(self.drop(out))  # (T, B, V)
+        raw, state = self.rnn(emb, state)  # (T, B, H)
+        out = self.drop(raw)
+        logits = self.decoder(out)  # (T, B, V)
         # The carried state stays fp32 whatever autocast computed it in.
         state = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
-        return F.log_softmax(logits.float(), dim=-1), state
+        logp = F.log_softmax(logits.float(), dim=-1)
+        if aux:
+            return logp, state, {"hidden": out, "raw_hidden": raw}
+        return logp, state
+
+    @classmethod
+    def flops_per_token(cls, cfg: RNNConfig, vocab_size: int, bptt: int) -> float:
+        fwd = 0.0
+        for layer in range(cfg.nlayers):
+            fan_in = cfg.emsize if layer == 0 else cfg.nhid
+            fwd += 2 * GATES[cfg.name] * cfg.nhid * (fan_in + cfg.nhid)
+        return fwd + 2 * cfg.nhid * vocab_size
+
+    @classmethod
+    def classic_args(cls, cfg: RNNConfig) -> List[str]:
+        args = ["--model", CLASSIC_NAMES[cfg.name], "--emsize", str(cfg.emsize), "--nhid", str(cfg.nhid),
+                "--nlayers", str(cfg.nlayers), "--dropout", str(cfg.dropout)]
+        return args + (["--tied"] if cfg.tied else [])

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
+from ..config import ModelConfig, UserError
+from . import LanguageModel, register
+
+
+@dataclass
+class TransformerConfig(ModelConfig):
+    name: str = "transformer"
+    nhead: int = 2  # attention heads; must divide emsize
+
+    def validate(self) -> None:
+        super().validate()
+        if self.nhead < 1:
+            raise UserError(f"model.nhead={self.nhead} is impossible: it must be >= 1")
+        if self.emsize % self.nhead:
+            raise UserError(f"model.nhead={self.nhead} does not divide model.emsize={self.emsize}: "
+                            f"pick nhead that divides emsize")
 
 
 def sinusoids(length: int, dim: int, device=None) -> torch.Tensor:
@@ -21,8 +38,9 @@ def sinusoids(length: int, dim: int, device=None) -> torch.Tensor:
     return pe
 
 
-class TransformerModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+@register("transformer", config=TransformerConfig)
+class TransformerModel(LanguageModel):
+    def __init__(self, cfg: TransformerConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.scale = math.sqrt(cfg.emsize)
@@ -46,12 +64,26 @@ class TransformerModel(nn.Module):
     def init_state(self, batch_size: int, device=None) -> None:
         return None  # attention has no carried state
 
-    def forward(self, tokens: torch.Tensor, state=None):
+    def forward(self, tokens: torch.Tensor, state=None, aux: bool = False):
         T = tokens.size(0)
         x = self.drop(self.encoder(tokens) * self.scale + self.positions(T, tokens.device))  # (T, B, E)
         # is_causal=True lets scaled_dot_product_attention use its causal kernels; the mask is the
         # same constraint spelt out for code paths that need one: position t sees only <= t.
         mask = nn.Transformer.generate_square_subsequent_mask(T, device=tokens.device, dtype=x.dtype)
         h = self.layers(x, mask=mask, is_causal=True)  # (T, B, E)
-        logits = self.decoder(h)  # (T, B, V)
-        return F.log_softmax(logits.float(), dim=-1), None
+        logp = F.log_softmax(self.decoder(h).float(), dim=-1)  # (T, B, V)
+        if aux:
+            return logp, None, {"hidden": h, "raw_hidden": h}
+        return logp, None
+
+    @classmethod
+    def flops_per_token(cls, cfg: TransformerConfig, vocab_size: int, bptt: int) -> float:
+        d, f = cfg.emsize, cfg.nhid
+        per_layer = 2 * (4 * d * d + 2 * d * f) + 2 * 2 * d * bptt / 2  # projections, FFN, causal attention
+        return cfg.nlayers * per_layer + 2 * d * vocab_size
+
+    @classmethod
+    def classic_args(cls, cfg: TransformerConfig) -> List[str]:
+        args = ["--model", "Transformer", "--emsize", str(cfg.emsize), "--nhid", str(cfg.nhid), "--nlayers",
+                str(cfg.nlayers), "--nhead", str(cfg.nhead), "--dropout", str(cfg.dropout)]
+        return args + (["--tied"] if cfg.tied else [])

@@ -1,0 +1,151 @@
+"""One optimizer step: micro-batches under autocast, extra loss terms, clipping, non-finite skip, compile.
+
+No host synchronisation happens in a step: the loss, the gradient norm and the "step was finite"
+flag stay on the device, and the loop reads them once per logging interval.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import runtime
+from ..config import UserError
+from ..distributed import Dist
+from ..models import detach_state, map_state
+
+log = logging.getLogger("wordlm")
+
+# A loss term: (aux outputs of the model, log-probs (T, B, V), targets (T, B)) -> a scalar added to the
+# loss that is minimised. The reported loss stays the NLL. ``aux`` holds ``hidden`` and ``raw_hidden``
+# (see wordlm.models). Terms are plain callables: AR/TAR, a penalty, anything.
+LossTerm = Callable[[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def forward_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, state: Any, device: torch.device,
+                 precision: str, terms: Tuple[LossTerm, ...] = ()):
+    """(NLL, NLL + extra terms, state) of targets ``y`` (T, B) given inputs ``x`` (T, B).
+
+    One function, so torch.compile fuses log_softmax, the loss and their backward into a few passes
+    over the (T, B, V) log-probs.
+    """
+    with runtime.autocast(device, precision):
+        if terms:
+            logp, state, aux = net(x, state, aux=True)
+        else:
+            logp, state = net(x, state)
+    nll = F.nll_loss(logp.reshape(-1, logp.size(-1)), y.reshape(-1))
+    total = nll
+    for term in terms:
+        total = total + term(aux, logp, y).float()
+    return nll, total, state
+
+
+class TrainStep:
+    """``step(x, y, states) -> (ok, loss, grad_norm, states)`` over ``accum`` micro-batches of ``micro`` columns.
+
+    The optimizer may be replaced between steps (an optimizer phase does that through
+    ``Trainer.set_optimizer``). A step whose loss or gradient norm is not finite leaves the weights,
+    the optimizer state and the carried hidden state untouched.
+    """
+
+    def __init__(self, net: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                 device: torch.device, precision: str, accum: int, micro: int, clip: Optional[float], dist: Dist,
+                 compiled: bool, full_length: int, loss_terms: Sequence[LossTerm] = ()):
+        self.net, self.model, self.device, self.precision = net, model, device, precision
+        self.accum, self.micro, self.clip, self.dist = accum, micro, clip, dist
+        self.terms = tuple(loss_terms)
+        self.full_length = full_length  # only windows of this length go through the compiled step
+        self.compiled_fn = torch.compile(forward_loss) if compiled else None
+        self._proven = False
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.set_optimizer(optimizer)
+        self.consec_bad = torch.zeros((), device=device)  # current run of non-finite steps
+        self.worst_bad = torch.zeros((), device=device)  # longest run so far: checked without a sync
+
+    @property
+    def compiled(self) -> bool:
+        return self.compiled_fn is not None
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.fused = any(g.get("fused") for g in optimizer.param_groups)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, states: List[Any], inject_nan: bool = False):
+        use_compiled = self.compiled_fn is not None and x.size(0) == self.full_length
+        if not use_compiled or self._proven:
+            return self._step(x, y, states, use_compiled, inject_nan)
+        try:
+            out = self._step(x, y, states, True, inject_nan)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # no C++ compiler, an unsupported op...: train on, uncompiled
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            log.warning("torch.compile failed (%s): training continues without it (trainer.compile=false "
+                        "silences this)", first)
+            self.compiled_fn = None
+            return self._step(x, y, states, False, inject_nan)
+        self._proven = True
+        return out
+
+    def _step(self, x, y, states, use_compiled: bool, inject_nan: bool):
+        K, m = self.accum, self.micro
+        loss_fn = self.compiled_fn if use_compiled else forward_loss
+        self.net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=self.device)
+        new_states = list(states)
+        for k in range(K):
+            xs, ys = x[:, k * m : (k + 1) * m], y[:, k * m : (k + 1) * m]
+            sync = self.net.no_sync() if self.dist.enabled and k < K - 1 else nullcontext()
+            with sync:
+                nll, total, state = loss_fn(self.net, xs, ys, states[k], self.device, self.precision, self.terms)
+                if inject_nan:
+                    nll, total = nll * float("nan"), total * float("nan")
+                scaled = total / K
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            new_states[k] = detach_state(state)
+            step_loss += nll.detach() / K
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip if self.clip else float("inf"))
+        ok = torch.isfinite(step_loss) & torch.isfinite(gnorm)
+        self._apply(ok)
+        # A non-finite step must not poison the carried state either.
+        new_states = [map_state(s, lambda t: torch.where(ok, t, torch.zeros_like(t))) for s in new_states]
+        okf = ok.float()
+        self.consec_bad = (self.consec_bad + 1) * (1 - okf)
+        self.worst_bad = torch.maximum(self.worst_bad, self.consec_bad)
+        return ok, step_loss, gnorm.float(), new_states
+
+    def _apply(self, ok: torch.Tensor) -> None:
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips by itself on inf/nan
+            self.scaler.update()
+        elif self.fused:
+            # Fused kernels take a found_inf flag: a bad step is skipped on the device, no sync.
+            self.optimizer.found_inf = (~ok).float()
+            self.optimizer.step()
+        elif bool(ok):
+            self.optimizer.step()
+
+    def worst_bad_streak(self) -> int:
+        return int(self.worst_bad.item())  # one host sync: the loop calls it once per interval on GPUs
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The bad-step streaks (the max over ranks) and the fp16 grad scaler. Collective under DDP."""
+        bad = self.dist.all_max(torch.stack([self.consec_bad, self.worst_bad]).float())
+        st: Dict[str, Any] = {"bad": bad.cpu()}
+        if self.scaler:
+            st["scaler"] = self.scaler.state_dict()
+        return st
+
+    def load_state_dict(self, st: Dict[str, Any]) -> None:
+        bad = st["bad"].to(self.device)
+        self.consec_bad, self.worst_bad = bad[0].clone(), bad[1].clone()
+        if self.scaler and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
