@@ -13,6 +13,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Tokenisation caches of the tests' throw-away corpora go to a throw-away folder, not <project>/data/cache
+# (every subprocess inherits this). Tests about the cache's place set data.cache_dir themselves.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "WORDLM_CACHE_DIR" not in os.environ:
+    os.environ["WORDLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="wordlm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["WORDLM_CACHE_DIR"], True)
+
 # A tiny model and run that any test can shrink further: fast on 2 CPU cores.
 TINY = [
     "model.emsize=16", "model.nhid=16", "model.nlayers=1", "model.dropout=0.0",

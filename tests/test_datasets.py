@@ -126,13 +126,14 @@ def test_train_py_downloads_verifies_extracts_and_falls_back(tmp_path, server):
         "data=wikitext2", f"data.root={root}",
         f"data.url=[{server.url}/missing.zip,{server.url}/good/wikitext-2-v1.zip]",
         f"data.checksum={md5(archive)}", "data.min_freq=2", f"hydra.run.dir={run}", "trainer.max_steps=2", *TINY,
+        f"data.cache_dir={tmp_path / 'cache'}",
     ])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     folder = root / "wikitext-2"
     names = files_in(folder)
-    assert {"train.txt", "valid.txt", "test.txt"} <= set(names)
-    assert not [n for n in names if n.endswith((".part", ".zip", ".lock"))], names  # no leftovers
-    assert len([n for n in names if n.startswith("cache-")]) == 1, names
+    assert sorted(names) == ["test.txt", "train.txt", "valid.txt"], names  # no leftovers, no cache, no lock
+    (sub,) = (tmp_path / "cache").iterdir()
+    assert sub.name.startswith("wikitext-2-") and len(list(sub.glob("cache-*.pt"))) == 1
     for s in ("train", "valid", "test"):
         assert (folder / f"{s}.txt").read_bytes() == texts[s]
     assert server.hits[:2] == ["/missing.zip", "/good/wikitext-2-v1.zip"]  # first mirror failed, second used
@@ -271,14 +272,17 @@ def test_archive_placed_by_hand_is_used_offline(tmp_path):
 # ---------------------------------------------------------------------------- tokenisation cache
 def test_cache_is_hit_then_rebuilt_after_a_change(tmp_path, monkeypatch, caplog):
     folder = write_corpus(tmp_path / "corpus")
-    cfg = DataConfig(name="custom", dir=str(folder), root=str(tmp_path / "data"))
+    cfg = DataConfig(name="custom", dir=str(folder), root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    own = datasets.corpus_cache_dir(cfg, folder)
+    before = files_in(folder)
     builds = []
     real = datasets.read_corpus
     monkeypatch.setattr(datasets, "read_corpus", lambda *a, **k: builds.append(1) or real(*a, **k))
 
     first = load_corpus(cfg)
     assert len(builds) == 1 and first.train.dtype == torch.int32
-    caches = sorted(folder.glob("cache-*.pt"))
+    assert files_in(folder) == before  # nothing is ever written into the user's corpus folder
+    caches = sorted(own.glob("cache-*.pt"))
     assert len(caches) == 1
 
     caplog.set_level(logging.INFO, logger="wordlm")
@@ -293,13 +297,13 @@ def test_cache_is_hit_then_rebuilt_after_a_change(tmp_path, monkeypatch, caplog)
         f.write("w1 w2 w3\n")
     third = load_corpus(cfg)
     assert len(builds) == 2 and third.valid.numel() == first.valid.numel() + 4
-    assert [p.name for p in folder.glob("cache-*.pt")] != [caches[0].name]
-    assert len(list(folder.glob("cache-*.pt"))) == 1, "the stale cache is removed"
+    assert [p.name for p in own.glob("cache-*.pt")] != [caches[0].name]
+    assert len(list(own.glob("cache-*.pt"))) == 1, "the stale cache is removed"
 
     cfg.min_freq = 3  # another setting: another cache, built once
     load_corpus(cfg)
     load_corpus(cfg)
-    assert len(builds) == 3 and len(list(folder.glob("cache-*.pt"))) == 2
+    assert len(builds) == 3 and len(list(own.glob("cache-*.pt"))) == 2
 
     cfg.cache = False
     load_corpus(cfg)
@@ -308,9 +312,9 @@ def test_cache_is_hit_then_rebuilt_after_a_change(tmp_path, monkeypatch, caplog)
 
 def test_corrupt_cache_is_rebuilt(tmp_path):
     folder = write_corpus(tmp_path / "corpus")
-    cfg = DataConfig(name="custom", dir=str(folder))
+    cfg = DataConfig(name="custom", dir=str(folder), cache_dir=str(tmp_path / "cache"))
     ref = load_corpus(cfg)
-    (path,) = folder.glob("cache-*.pt")
+    (path,) = datasets.corpus_cache_dir(cfg, folder).glob("cache-*.pt")
     path.write_bytes(b"not a torch file")
     again = load_corpus(cfg)
     assert torch.equal(again.train, ref.train)
@@ -371,7 +375,7 @@ def test_read_only_folder_is_left_untouched_and_cached_elsewhere(tmp_path):
     before = files_in(folder)
     folder.chmod(0o555)
     try:
-        cfg = DataConfig(name="custom", dir=str(folder), root=str(tmp_path / "data"))
+        cfg = DataConfig(name="custom", dir=str(folder), cache_dir=str(tmp_path / "data" / "cache"))
         first = load_corpus(cfg)
         second = load_corpus(cfg)
         assert files_in(folder) == before  # no cache, no lock file

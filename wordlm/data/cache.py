@@ -1,4 +1,4 @@
-"""Tokenisation cache: ``cache-<content>-<settings>.pt`` next to the text (int32 ids + vocabulary).
+"""Tokenisation cache: ``cache-<content>-<settings>.pt`` (int32 ids + vocabulary) in a folder wordlm owns.
 
 The name is keyed on the SHA-256 of the three text files (so an edited file is never served from
 a stale cache) and on the tokenisation settings (``min_freq``, ``max_vocab``, the tokeniser's
@@ -6,8 +6,9 @@ version). Hashing reads the text once (~1.7 GB/s), far cheaper than tokenising i
 from older contents of the same folder are deleted when a new one is written; caches for other
 settings stay, so switching ``data.min_freq`` back and forth costs nothing.
 
-Where the corpus folder cannot be written, the cache goes to ``<data.root>/cache/<folder>-<hash>/``.
-Files are written atomically and read with ``weights_only=True``.
+The cache of a corpus folder lives in ``<cache root>/<folder name>-<hash of its path>/`` (see
+:func:`wordlm.data.datasets.cache_root`), never in the corpus folder itself: wordlm writes nothing
+into a user's folder. Files are written atomically and read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -67,16 +68,12 @@ def writable(folder: Path, create: bool = False) -> bool:
     return fetch.writable_dir(folder)
 
 
-def cache_dir(folder: Path, fallback_root: Path) -> Path | None:
-    """Where caches for ``folder`` live: the folder itself, else a per-folder spot under ``fallback_root``."""
-    if writable(folder):
-        return folder
-    resolved = folder.resolve()
-    alt = fallback_root / "cache" / f"{resolved.name}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
-    if writable(alt, create=True):
-        log.info("%s is read-only: caching its tokenisation in %s", folder, alt)
-        return alt
-    log.warning("cannot write a tokenisation cache for %s (nor in %s): tokenising on every run", folder, alt)
+def cache_dir(where: Path) -> Path | None:
+    """``where`` if it can be created and written, else None (no caching, with a warning)."""
+    if writable(where, create=True):
+        return where
+    log.warning("cannot write a tokenisation cache in %s: tokenising on every run (set data.cache_dir to a "
+                "writable folder)", where)
     return None
 
 

@@ -3,14 +3,21 @@
 A named data set (``data=wikitext2|wikitext103|ptb``) lives in ``<data.root>/<folder>/`` as
 train.txt, valid.txt and test.txt. When they are missing they are downloaded from the data set's
 mirrors (or ``data.url``), verified against a fixed checksum (or ``data.checksum``) and put in
-place; offline, the error says which files to put where. Tokenised corpora are cached next to
-the text (see :mod:`wordlm.data.cache`).
+place; offline, the error says which files to put where. Tokenised corpora are cached in a folder
+wordlm owns, never in the corpus folder (see :mod:`wordlm.data.cache`).
+
+Where things go by default: in a source checkout (``pip install -e .`` or ``python train.py`` from
+the clone), named data sets live in ``<project>/data``; in an installed wordlm (``pip install .``),
+in ``$XDG_CACHE_HOME/wordlm/data`` (``~/.cache/wordlm/data``), never inside site-packages. Caches go
+to ``data.cache_dir``, else ``$WORDLM_CACHE_DIR``, else ``<data root>/cache``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +28,11 @@ from .corpus import SPLITS, Corpus, check_folder, read_corpus
 log = logging.getLogger("wordlm")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def source_checkout() -> bool:
+    """Is wordlm running from its own source tree (not from site-packages)?"""
+    return (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "wordlm" / "data").is_dir()
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,26 @@ FOLDERS = {name: src.folder for name, src in SOURCES.items()}
 
 
 def data_root(cfg: DataConfig) -> Path:
-    return Path(cfg.root).expanduser() if cfg.root else PROJECT_ROOT / "data"
+    if cfg.root:
+        return Path(cfg.root).expanduser()
+    if source_checkout():
+        return PROJECT_ROOT / "data"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "wordlm" / "data"
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """The folder wordlm owns for tokenisation caches and the preparation lock of every corpus."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    if os.environ.get("WORDLM_CACHE_DIR"):
+        return Path(os.environ["WORDLM_CACHE_DIR"]).expanduser()
+    return data_root(cfg) / "cache"
+
+
+def corpus_cache_dir(cfg: DataConfig, folder: Path) -> Path:
+    """``<cache root>/<folder name>-<hash of its absolute path>``: one per corpus folder."""
+    resolved = Path(folder).expanduser().resolve()
+    return cache_root(cfg) / f"{resolved.name}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
 
 
 def corpus_dir(cfg: DataConfig) -> Path:
@@ -191,8 +222,8 @@ def prepare(cfg: DataConfig) -> Path:
 def load_corpus(cfg: DataConfig, folder: Path | None = None) -> Corpus:
     """Prepare (download if needed) and tokenise the corpus, through the tokenisation cache.
 
-    Parallel processes (torchrun ranks) take turns on a lock in the folder: the first downloads
-    and tokenises, the others then find the files and the cache.
+    Parallel processes (torchrun ranks) take turns on a lock in the corpus's cache folder: the first
+    downloads and tokenises, the others then find the files and the cache.
     """
     explicit = folder is not None
     folder = Path(folder) if explicit else corpus_dir(cfg)
@@ -203,12 +234,13 @@ def load_corpus(cfg: DataConfig, folder: Path | None = None) -> Corpus:
             created = True
         except OSError as e:
             raise UserError(f"cannot create {folder}: {e.strerror or e}; set data.root to a writable folder") from None
+    own = corpus_cache_dir(cfg, folder)
     try:
-        with fetch.folder_lock(folder):
+        with fetch.folder_lock(own if cache.writable(own, create=True) else None):
             if not explicit:
                 folder = prepare(cfg)
             files = check_folder(folder)
-            where = cache.cache_dir(folder, data_root(cfg)) if cfg.cache else None
+            where = cache.cache_dir(own) if cfg.cache else None
             return cache.cached_corpus(files, cfg.min_freq, cfg.max_vocab, where,
                                        lambda: read_corpus(folder, cfg.min_freq, cfg.max_vocab))
     except BaseException:

@@ -310,17 +310,17 @@ def writable_dir(folder: Path) -> bool:
 
 # ---------------------------------------------------------------------------- locking
 @contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
+def folder_lock(folder: Path | None) -> Iterator[None]:
     """An exclusive lock on ``folder``/.wordlm.lock, so that parallel ranks download and tokenise once.
 
     The lock file is removed on release; a waiter that wakes up holding a removed file tries again.
-    Where the folder is missing or read-only (or on a platform without fcntl) this does nothing.
+    Where the folder is None, missing or read-only (or on a platform without fcntl) this does nothing.
     """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         fcntl = None
-    if fcntl is None or not writable_dir(folder):
+    if fcntl is None or folder is None or not writable_dir(folder):
         yield
         return
     path = folder / ".wordlm.lock"
