@@ -165,6 +165,7 @@ def test_max_steps_stops_early_and_multirun_writes_one_dir_per_job(tmp_path, cor
         assert list((job / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_every_model_type_trains_through_the_cli(tmp_path, corpus_dir):
     sweep = tmp_path / "sweep"
     args = train_args(corpus_dir, tmp_path / "unused", "trainer.max_steps=2", f"model={','.join(MODELS)}",

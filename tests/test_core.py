@@ -20,7 +20,7 @@ from conftest import ROOT, run_cli, train_args, write_corpus
 
 from wordlm import checkpoint
 from wordlm.config import Config, ModelConfig, OptimConfig, TrainerConfig, UserError
-from wordlm.data import get_window, read_corpus
+from wordlm.data import read_corpus
 from wordlm.distributed import Dist
 from wordlm.models import LanguageModel, build_model, model_config, register
 from wordlm.optim import Schedule, build_optimizer
@@ -72,7 +72,7 @@ def test_non_finite_step_leaves_weights_optimizer_and_state_untouched(optim):
     for i, s in enumerate(opt.state.values()):
         for k, v in s.items():
             assert torch.equal(opt_state[i][k], v), f"optimizer state {k} changed on a skipped step"
-    assert all(torch.equal(torch.zeros_like(c), n) for c, n in zip(carried, new_states[0]))  # reset, not NaN
+    assert all(torch.equal(torch.zeros_like(c), n) for c, n in zip(carried, new_states[0], strict=True))  # reset, not NaN
 
     ok, *_ = step(x, y, states)
     assert bool(ok) and int(step.consec_bad) == 0 and int(step.worst_bad) == 1  # the longest streak is kept
@@ -306,6 +306,7 @@ def test_init_from_starts_a_new_run_from_weights_only(corpus, tmp_path):
         Trainer(cfg, read_corpus(other), tmp_path / "new2")
 
 
+@pytest.mark.slow
 def test_presets_are_listed_and_set_the_classic_sizes(tmp_path):
     p = run_cli("train.py", ["--help"], cwd=tmp_path, check=True)
     assert "experiment: classic_large, classic_medium" in p.stdout

@@ -19,6 +19,8 @@ from test_resume import tb_losses, wait_for_step
 DET = ["model.dropout=0.0", "trainer.log_interval=1", "trainer.sample_words=0", "trainer.threads=1",
        "trainer.precision=fp32"]  # bf16 rounding depends on the batch shape: compare in fp32
 
+pytestmark = pytest.mark.slow  # torchrun jobs: run with -m slow (CI does)
+
 
 def torchrun(args: list, nproc: int = 2) -> list:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -31,10 +33,23 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(corpus, tmp_path_factory) -> dict:
+def single_run(corpus, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("single")
-    run_cli("train.py", train_args(corpus, run, *DET, "trainer.max_steps=12"), check=True)
-    return tb_losses(run)
+    run_cli("train.py", train_args(corpus, run, *DET, "trainer.max_steps=12", "trainer.eval_every=6"), check=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def single(single_run) -> dict:
+    return tb_losses(single_run)
+
+
+def tb_scalars(run: Path, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
 
 
 def _run(cmd: list, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -44,9 +59,9 @@ def _run(cmd: list, timeout: float = 120) -> subprocess.CompletedProcess:
     return p
 
 
-def test_two_ranks_match_one_process(corpus, single, tmp_path):
+def test_two_ranks_match_one_process(corpus, single, single_run, tmp_path):
     run = tmp_path / "ddp"
-    p = _run(torchrun(train_args(corpus, run, *DET, "trainer.max_steps=12")))
+    p = _run(torchrun(train_args(corpus, run, *DET, "trainer.max_steps=12", "trainer.eval_every=6")))
     assert "world 2" in p.stdout
     got = tb_losses(run)
     assert sorted(got) == sorted(single)
@@ -54,6 +69,11 @@ def test_two_ranks_match_one_process(corpus, single, tmp_path):
         assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
     m = json.loads((run / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["steps"] == 12
+    # Validation and test are reduced over the ranks' columns: the same numbers as one process.
+    one = json.loads((single_run / "metrics.json").read_text())
+    assert abs(m["best_valid_loss"] - one["best_valid_loss"]) <= 1e-5 and abs(m["test_loss"] - one["test_loss"]) <= 1e-5
+    assert tb_scalars(run, "valid/loss") == pytest.approx(tb_scalars(single_run, "valid/loss"), abs=1e-5)
+    assert len(tb_scalars(run, "valid/loss")) == 2  # steps 6 and 12
 
 
 def test_grad_accum_with_half_batch_equals_full_batch(corpus, single, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from conftest import TINY, run_cli, train_args, write_corpus
 
 PREFIX = "wordlm: error:"
+SLOW = pytest.mark.slow  # the same code path as a fast case: CI runs it with -m slow
 
 
 class ExtraStderrLines(AssertionError):
@@ -52,6 +53,11 @@ def empty_file(corpus, run, tmp):
     return train_args(corpus, run)
 
 
+def blank_train(corpus, run, tmp):
+    (corpus / "train.txt").write_text("\n" * 400)
+    return train_args(corpus, run)
+
+
 def tiny_train(corpus, run, tmp):
     (corpus / "train.txt").write_text("just five words here\n")  # 5 tokens: not 4 columns of 2
     return train_args(corpus, run)
@@ -87,23 +93,30 @@ def fixed(*words: str):
 
 CASES = [
     pytest.param(missing_file, words_missing_file, id="missing_corpus_file"),
-    pytest.param(empty_file, words_empty_file, id="empty_corpus_file"),
+    pytest.param(empty_file, words_empty_file, id="empty_corpus_file", marks=SLOW),
     pytest.param(custom("model=foo"), fixed("foo", "lstm", "transformer"), id="unknown_model"),
     pytest.param(custom("model.tied=true", "model.nhid=20"), fixed("model.tied", "model.emsize", "model.nhid"),
-                 id="tied_emsize_ne_nhid"),
+                 id="tied_emsize_ne_nhid", marks=SLOW),
     pytest.param(custom("model=transformer", "model.nhead=3"), fixed("model.nhead=3", "model.emsize=16"),
-                 id="nhead_does_not_divide_emsize"),
-    pytest.param(custom("model.nhid=0"), fixed("model.nhid=0", ">= 1"), id="nhid_zero"),
-    pytest.param(custom("model.nhead=4"), fixed("model.nhead", "model=transformer"), id="nhead_for_an_lstm"),
-    pytest.param(custom("trainer.eval_every=0"), fixed("trainer.eval_every=0", ">= 1"), id="eval_every_zero"),
-    pytest.param(custom("experiment=nope"), fixed("experiment/nope", "classic_medium"), id="unknown_preset"),
-    pytest.param(custom("trainer.batch_size=0"), fixed("trainer.batch_size=0", ">= 1"), id="batch_size_zero"),
+                 id="nhead_does_not_divide_emsize", marks=SLOW),
+    pytest.param(custom("model.nhid=0"), fixed("model.nhid=0", ">= 1"), id="nhid_zero", marks=SLOW),
+    pytest.param(custom("model.nhead=4"), fixed("model.nhead", "model=transformer"),
+                 id="nhead_for_an_lstm", marks=SLOW),
+    pytest.param(custom("trainer.eval_every=0"), fixed("trainer.eval_every=0", ">= 1"),
+                 id="eval_every_zero", marks=SLOW),
+    pytest.param(custom("experiment=nope"), fixed("experiment/nope", "classic_medium"),
+                 id="unknown_preset", marks=SLOW),
+    pytest.param(custom("trainer.batch_size=0"), fixed("trainer.batch_size=0", ">= 1"),
+                 id="batch_size_zero", marks=SLOW),
     pytest.param(tiny_train, fixed("too small"), id="corpus_too_small"),
-    pytest.param(tiny_valid, fixed("too small", "valid"), id="valid_split_too_small"),
+    pytest.param(tiny_valid, fixed("too small", "valid"), id="valid_split_too_small", marks=SLOW),
     pytest.param(custom("trainer.epoch=3"), fixed("trainer.epoch"), id="unknown_key_trainer_epoch"),
-    pytest.param(custom("model.emsiz=10"), fixed("model.emsiz"), id="unknown_key_model_emsiz"),
+    pytest.param(custom("model.emsiz=10"), fixed("model.emsiz"), id="unknown_key_model_emsiz", marks=SLOW),
     pytest.param(custom("trainer.epochs=abc"), fixed("trainer.epochs", "abc"), id="wrong_type"),
-    pytest.param(no_wikitext, words_wikitext, id="wikitext2_folder_missing"),
+    pytest.param(no_wikitext, words_wikitext, id="wikitext2_folder_missing", marks=SLOW),
+    pytest.param(blank_train, fixed("train.txt has 0 distinct words"), id="blank_training_text"),
+    pytest.param(custom("data.min_freq=100000"), fixed("data.min_freq=100000", "lower it"), id="min_freq_too_high"),
+    pytest.param(custom("data.max_vocab=3"), fixed("data.max_vocab=3", "raise it"), id="max_vocab_3", marks=SLOW),
 ]
 
 

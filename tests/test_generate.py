@@ -12,11 +12,10 @@ from conftest import run_cli, train_args, write_corpus
 
 from wordlm import checkpoint
 from wordlm.config import Config, GenerateConfig, UserError
-from wordlm.models import model_config
 from wordlm.data.vocab import Vocab
 from wordlm.generate import run as generate_run
 from wordlm.generate import validate
-from wordlm.models import build_model
+from wordlm.models import build_model, model_config
 from wordlm.sampling import Sampler, draw, encode_prompt, filter_logits, generate, join_words, prompt_words
 
 V = 40  # vocabulary of the in-process models

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from wordlm.config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
-from wordlm.models import model_config
 from wordlm.data import read_corpus
+from wordlm.models import model_config
 from wordlm.trainer import Trainer
 
 N_SYMBOLS = 20  # symbol 0 is the newline, the others are words

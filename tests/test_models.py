@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from wordlm.config import ModelConfig, UserError
-from wordlm.models import model_config
-from wordlm.models import RNNModel, TransformerModel, build_model, count_params, detach_state
+from wordlm.models import RNNModel, TransformerModel, build_model, count_params, detach_state, model_config
 
 V, T, B = 23, 7, 3
 RNNS = ("lstm", "gru", "rnn_tanh", "rnn_relu")

@@ -146,14 +146,15 @@ def test_truncated_checkpoint_is_rejected_on_resume(corpus, trained, tmp_path):
 
 def _trainer(corpus: Path, run: Path, **model):
     """An in-process Trainer with the TINY sizes (resume checks need no subprocess)."""
-    from wordlm.config import Config, OptimConfig, TrainerConfig
-    from wordlm.models import model_config
+    from wordlm.config import Config, DataConfig, OptimConfig, TrainerConfig
     from wordlm.data import read_corpus
+    from wordlm.models import model_config
     from wordlm.trainer import Trainer
 
     fused = model.pop("optim_fused", None)
     m = {"emsize": 16, "nhid": 16, "nlayers": 1, "dropout": 0.0, **model}
     cfg = Config(model=model_config(**m), optim=OptimConfig(fused=fused),
+                 data=DataConfig(name="custom", dir=str(corpus)),
                  trainer=TrainerConfig(batch_size=4, eval_batch_size=4, bptt=8, progress=False, threads=1))
     return Trainer(cfg, read_corpus(corpus), run)
 
@@ -183,7 +184,7 @@ def test_non_finite_step_leaves_weights_untouched(corpus, tmp_path, fused):
 def test_checkpoint_of_another_shape_is_rejected_on_resume(corpus, trained, tmp_path):
     from wordlm.config import UserError
 
-    with pytest.raises(UserError, match="does not fit this model.*shape mismatch"):
+    with pytest.raises(UserError, match="model.nhid: 16 in the checkpoint, 24 now.*trainer.init_from="):
         _trainer(corpus, tmp_path, nhid=24).resume(trained / "checkpoints" / "last.pt")
 
 
@@ -202,7 +203,7 @@ def test_checkpoint_of_other_batch_columns_is_rejected_on_resume(corpus, trained
 
     t = _trainer(corpus, tmp_path)
     t.cfg.trainer.bptt = 9
-    with pytest.raises(UserError, match="resume with the same trainer.batch_size, grad_accum and bptt"):
+    with pytest.raises(UserError, match="trainer.bptt: 8 in the checkpoint, 9 now"):
         t.resume(trained / "checkpoints" / "last.pt")
 
 

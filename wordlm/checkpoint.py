@@ -47,12 +47,13 @@ def save(path: os.PathLike, payload: Dict[str, Any]) -> None:
         finally:
             os.close(fd)
     except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "write" not in str(e).lower():
+        io = _io_error(e)  # torch.save's zip writer may turn a failed write into a RuntimeError on cleanup
+        if io is None and "write" not in str(e).lower():
             raise  # not an I/O failure: a bug, keep the traceback
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if io is not None and io.errno in (errno.ENOSPC, errno.EDQUOT):
             what = "the disk is full"
-        elif isinstance(e, OSError):
-            what = e.strerror or str(e)
+        elif io is not None:
+            what = io.strerror or str(io)
         else:
             what = str(e).strip().splitlines()[-1]
         raise UserError(
@@ -65,6 +66,17 @@ def save(path: os.PathLike, payload: Dict[str, Any]) -> None:
                 tmp.unlink()
             except OSError:
                 pass
+
+
+def _io_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind ``e`` (itself or an exception it was raised while handling), if any."""
+    for _ in range(10):
+        if e is None:
+            return None
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def load(path: os.PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
@@ -143,10 +155,11 @@ class Loaded:
 
 
 def load_model(path: os.PathLike, device: Any = "cpu") -> Loaded:
-    from .models import build_model
+    from .models import build_model, config_from_dict
 
     ck = load(path, map_location=device)
     cfg = from_dict(ck["config"])
+    cfg.model = config_from_dict(ck["config"].get("model"), strict=True, where=str(path))
     try:
         vocab = Vocab(ck["vocab"])
     except ValueError as e:

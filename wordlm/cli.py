@@ -1,4 +1,8 @@
-"""Hydra entry points. DictConfig stops here: it becomes typed dataclasses before anything runs."""
+"""Hydra entry points. DictConfig stops here: it becomes typed dataclasses before anything runs.
+
+Importing this module is cheap (no torch, no Hydra): a Ctrl-C while the heavy imports run is
+caught by the entry point and reported in one line.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,12 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-import hydra
-from omegaconf import DictConfig
+from .config import UserError
 
-from .config import UserError, register_configs
+if TYPE_CHECKING:  # pragma: no cover
+    from omegaconf import DictConfig
 
 log = logging.getLogger("wordlm")
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package
@@ -107,6 +111,32 @@ def _run_and_report(func: Callable[[], Any]) -> Any:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         die(one_line(e))
+    except (OSError, ValueError) as e:  # Hydra creating the run folder or its log file
+        io = _os_error(e)
+        if io is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        where = io.filename or "the run folder"
+        die(f"cannot write {where}: {io.strerror or io}; choose a writable folder with hydra.run.dir=... "
+            f"(or hydra.sweep.dir=... with --multirun)")
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (itself, or its cause/context chain), if any."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
+_TILDE = re.compile(r"^([\w.+~/-]+)=(~[^'\"]*)$")
+
+
+def _quote_home_paths(argv: list) -> list:
+    """``data.dir=~/x`` is a lexer error in Hydra's override grammar: quote such values (wordlm expands ~)."""
+    return [_TILDE.sub(lambda m: f"{m.group(1)}='{m.group(2)}'", a) if not a.startswith("-") else a for a in argv]
 
 
 def _install_reporting() -> None:
@@ -131,13 +161,21 @@ def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], A
     job.__module__ = task.__module__
 
     def main() -> Any:
-        register_configs()
-        _install_reporting()
-        wrapped = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(job)
         try:
-            return wrapped()
-        except UserError as e:  # raised outside Hydra's reporter (e.g. while it set up)
-            die(str(e))
+            import hydra
+
+            from .config import register_configs
+
+            sys.argv[1:] = _quote_home_paths(sys.argv[1:])
+            register_configs()
+            _install_reporting()
+            wrapped = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(job)
+            try:
+                return wrapped()
+            except UserError as e:  # raised outside Hydra's reporter (e.g. while it set up)
+                die(str(e))
+        except KeyboardInterrupt:  # Ctrl-C before training started (imports, data preparation)
+            leave(Exit(130, "interrupted by Ctrl-C before training started; nothing to resume"))
 
     return main
 
@@ -153,24 +191,43 @@ def _train(dc: DictConfig) -> dict:
     from .runtime import resolve_device
     from .tracking import Tracker
     from .trainer import Interrupted, Trainer
+    from .training.checkpoints import RunLock
 
     cfg = to_config(dc)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # A train.log write that fails (a full disk) must not print a traceback per log line: the failure that
+    # matters (a checkpoint or events that cannot be written) stops the run with one line.
+    logging.raiseExceptions = False
     d = distributed.from_env()
     device = resolve_device(cfg.trainer.device, d.local_rank)
     distributed.init(d, device, cfg.trainer.dist_timeout_s)
     trainer = None
+    lock = None
     try:
         if d.enabled:
             run_dir = Path(_broadcast_str(str(run_dir)))  # every rank uses rank 0's run dir
         if not d.main:
             logging.getLogger("wordlm").setLevel(logging.WARNING)
+        refusal = ""
+        if d.main:  # one run at a time in a run folder, for the whole run
+            try:
+                lock = RunLock(run_dir).acquire()
+            except UserError as e:
+                refusal = str(e)
+        if d.enabled:
+            refusal = _broadcast_str(refusal)
+        if refusal:
+            raise UserError(refusal)
         corpus = load_corpus(cfg.data)
         trainer = Trainer(cfg, corpus, run_dir, None, d)
+        if d.main:
+            trainer.ckpt.clear_stale_temps()
         resume = _resume_path(cfg.trainer.resume, run_dir)  # after the data and sizes are known to be good
         if resume is not None:
             trainer.resume(resume)
         if d.main:
+            # Only now, with every check passed, does the run folder's record of its config change.
+            write_run_record(run_dir, dc)
             trainer.tracker = Tracker(run_dir, purge_step=trainer.step + 1 if resume else None)
         try:
             metrics = trainer.fit()
@@ -191,7 +248,29 @@ def _train(dc: DictConfig) -> dict:
         where = f"the last complete checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
         raise Exit(130, f"stopped at once by Ctrl-C; {where}" if d.main else "") from None
     finally:
+        if lock is not None:
+            lock.release()
         distributed.shutdown()
+
+
+def write_run_record(run_dir: Path, dc: DictConfig) -> None:
+    """``<run>/.hydra/{config,hydra,overrides}.yaml`` as Hydra writes them, but only once a run starts or resumes
+    (Hydra's own writing is off: ``hydra.output_subdir: null``), so a refused command never changes them."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from .tracking import write_text_atomic
+
+    hc = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(dc))
+        write_text_atomic(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
+        write_text_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(list(hc.overrides.task)))
+    except OSError as e:
+        raise UserError(f"cannot write the run's record in {folder}: {e.strerror or e}; free space or make the "
+                        f"folder writable") from None
 
 
 def _resume_hint(e, run_dir: Path, d) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 
 class UserError(Exception):
@@ -34,6 +34,10 @@ class ModelConfig:
     nlayers: int = 2  # number of layers
     dropout: float = 0.2  # dropout probability
     tied: bool = False  # tie the decoder weights to the embedding (needs emsize == nhid for RNNs)
+
+    # Keys a type gains after checkpoints without them exist, with the value that rebuilds those checkpoints'
+    # models as they were (see wordlm.models.config_from_dict). Not a config key.
+    LEGACY: ClassVar[Dict[str, Any]] = {}
 
     def validate(self) -> None:
         for k in ("emsize", "nhid", "nlayers"):
@@ -125,7 +129,8 @@ class GenerateConfig:
     prompt: str = ""  # text to condition on (tokenised with the checkpoint's vocabulary)
     seed: int = 1111
     device: str = "auto"  # auto | cpu | cuda
-    outf: Optional[str] = None  # write here instead of stdout
+    outf: Optional[str] = None  # write here instead of stdout (never a .pt; an existing file needs overwrite)
+    overwrite: bool = False  # allow outf to replace an existing file
     context: Optional[int] = None  # transformer context window; null = the training bptt
     progress: bool = True
 
@@ -183,6 +188,37 @@ def validate(cfg: Config) -> None:
     _check(d.max_vocab is None or d.max_vocab >= 3, f"data.max_vocab={d.max_vocab} must be >= 3 or null")
 
 
+# What a resumed run may change: how long it runs, how it logs, checkpoints and reports, where and how fast it
+# runs. Every other key defines the run (model, data and vocabulary, optimizer, schedule, batches, bptt, seed,
+# precision) and must equal the checkpoint's: see :func:`resume_conflicts`.
+RESUMABLE = frozenset({
+    "trainer.epochs", "trainer.max_steps", "trainer.max_minutes", "trainer.log_interval", "trainer.eval_every",
+    "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.device", "trainer.threads", "trainer.progress",
+    "trainer.compile", "trainer.resume", "trainer.init_from", "trainer.sample_words", "trainer.dist_timeout_s",
+    "trainer.max_bad_steps", "trainer.deterministic", "trainer.debug_nan_at_step", "trainer.debug_nan_steps",
+    "optim.fused", "data.root", "data.dir", "data.url", "data.checksum", "data.cache", "data.cache_dir",
+})
+
+
+def resume_conflicts(saved: dict, cfg: "Config") -> List[tuple]:
+    """(key, checkpoint's value, this command's value) for each run-defining key that differs."""
+    from .tracking import flatten
+
+    old, new = flatten(saved), flatten(to_dict(cfg))
+    out = []
+    for key, value in new.items():
+        if key in RESUMABLE or key not in old:  # a key the checkpoint's wordlm did not have yet: nothing to compare
+            continue
+        a, b = old[key], value
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            same = float(a) == float(b)
+        else:
+            same = a == b or (isinstance(a, (list, tuple)) and list(a) == list(b or []))
+        if not same:
+            out.append((key, a, b))
+    return out
+
+
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}  # model: by its name
 
 
@@ -222,7 +258,6 @@ def to_dict(cfg: Any) -> dict:
 def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore: typos and wrong types fail before training."""
     from hydra.core.config_store import ConfigStore
-
     from omegaconf import MISSING
 
     from . import models

@@ -18,6 +18,8 @@ from .cli import die, entry
 from .config import DataConfig, EvaluateConfig, UserError, build, plain
 from .generate import load_checkpoint, need_checkpoint, resolve_device, resolve_precision
 
+OOV_WARN = 0.05  # warn when more of the scored tokens than this are outside the checkpoint's vocabulary
+
 
 def validate(cfg: EvaluateConfig) -> None:
     from .data import SPLITS
@@ -33,7 +35,7 @@ def validate(cfg: EvaluateConfig) -> None:
 
 def run(cfg: EvaluateConfig) -> dict:
     from .data.batching import batchify
-    from .data.corpus import check_folder, encode_file
+    from .data.corpus import check_folder, encode_file, literal_count
     from .data.datasets import prepare
     from .scoring import nll, ppl
 
@@ -46,6 +48,15 @@ def run(cfg: EvaluateConfig) -> dict:
     folder = Path(prepare(data_cfg))  # holds train/valid/test.txt (fetched first where the data set says how)
     files = check_folder(folder)
     ids = encode_file(files[cfg.split], loaded.vocab)  # (N,) with the checkpoint's vocabulary, never a rebuilt one
+    # Out of vocabulary: words the checkpoint does not know (the text's own literal <unk> tokens are not).
+    unk = loaded.vocab.itos[loaded.vocab.unk]
+    oov = int((ids == loaded.vocab.unk).sum()) - literal_count(files[cfg.split], unk)
+    oov_rate = oov / max(1, ids.numel())
+    if oov_rate > OOV_WARN:
+        sys.stderr.write(f"wordlm: warning: {oov_rate:.1%} of the {cfg.split} tokens are not in the checkpoint's "
+                         f"vocabulary and score as <unk>: the perplexity is not comparable with the model's own "
+                         f"test set (is this the data the model was trained for?)\n")
+        sys.stderr.flush()
     data = batchify(ids, cfg.batch_size or loaded.config.trainer.eval_batch_size, device)  # (T, B)
     bptt = cfg.bptt or loaded.config.trainer.bptt
     loss = nll(loaded.model, data, bptt, device, precision,
@@ -53,6 +64,7 @@ def run(cfg: EvaluateConfig) -> dict:
     return {
         "checkpoint": str(path), "split": cfg.split, "tokens": int((data.size(0) - 1) * data.size(1)),
         "loss": loss, "perplexity": ppl(loss), "bits_per_word": loss / math.log(2),
+        "oov_rate": oov_rate, "oov_tokens": oov,
     }
 
 

@@ -6,6 +6,8 @@ the corpus is never read. See README.md ("Generating text and evaluating a check
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 import sys
@@ -28,7 +30,12 @@ def need_checkpoint(path: str | None, command: str) -> Path:
     if not path:
         raise UserError(f"checkpoint=PATH is required, e.g. python {command} "
                         f"checkpoint=outputs/<run>/checkpoints/best.pt")
-    return Path(path).expanduser()
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = [c for c in (p / "best.pt", p / "checkpoints" / "best.pt") if c.is_file()]
+        hint = f"e.g. checkpoint={found[0]}" if found else "e.g. checkpoint=<run>/checkpoints/best.pt"
+        raise UserError(f"checkpoint={path} is a folder, not a checkpoint file: pass the .pt file itself, {hint}")
+    return p
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,19 +72,53 @@ def validate(cfg: GenerateConfig) -> None:
     check(cfg.device in DEVICES, f"device='{cfg.device}': use {'|'.join(DEVICES)}")
 
 
+def check_outf(outf: str, checkpoint: Path, overwrite: bool) -> Path:
+    """Refuse an ``outf`` that would destroy something: the checkpoint, any .pt file, or (without
+    ``overwrite=true``) any existing file."""
+    path = Path(outf).expanduser()
+    if path.is_dir():
+        raise UserError(f"outf={outf} is a folder: give a file name, e.g. outf={path / 'sample.txt'}")
+    if path.exists() and checkpoint.exists() and path.resolve() == checkpoint.resolve():
+        raise UserError(f"outf={outf} is the checkpoint itself: writing text there would destroy it; "
+                        f"choose another file, e.g. outf=sample.txt")
+    if path.suffix in (".pt", ".pth", ".ckpt"):
+        raise UserError(f"outf={outf} names a checkpoint-like file (.pt): text goes to a text file, e.g. "
+                        f"outf={path.with_suffix('.txt').name}")
+    if path.exists() and not overwrite:
+        raise UserError(f"outf={outf} already exists: add overwrite=true to replace it, or choose another file")
+    return path
+
+
 @contextmanager
 def open_output(outf: str | None, stream: TextIO | None = None) -> Iterator[TextIO]:
-    """``stream`` if given, else ``outf`` opened for writing, else stdout."""
+    """``stream`` if given, else ``outf`` (written to a temp file beside it, renamed into place only when
+    complete: a failure never leaves a half-written file or destroys an older one), else stdout."""
     if stream is not None or not outf:
         yield stream or sys.stdout
         return
     path = Path(outf).expanduser()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with ExitStack() as stack:
         try:
-            f = stack.enter_context(open(path, "w", encoding="utf-8"))
+            f = stack.enter_context(open(tmp, "w", encoding="utf-8"))
         except OSError as e:
             raise UserError(f"cannot write outf={outf}: {e.strerror or e}; choose a writable path") from None
-        yield f
+        done = False
+        try:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(tmp, path)
+            done = True
+        except OSError as e:
+            what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise UserError(f"cannot write outf={outf}: {what}; nothing was written there. Free space or choose "
+                            f"another path") from None
+        finally:
+            if not done:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -96,12 +137,16 @@ def run(cfg: GenerateConfig, stdout: TextIO | None = None) -> dict:
 
     validate(cfg)
     path = need_checkpoint(cfg.checkpoint, "generate.py")
+    if cfg.outf and stdout is None:
+        check_outf(cfg.outf, path, cfg.overwrite)
     device = resolve_device(cfg.device)
     loaded = load_checkpoint(path, device)
     vocab, model = loaded.vocab, loaded.model
     model.eval()
     context = cfg.context or loaded.config.trainer.bptt
-
+    if cfg.context is not None and model.init_state(1, device) is not None:
+        sys.stderr.write(f"wordlm: note: context={cfg.context} is ignored: this {loaded.config.model.name} "
+                         f"checkpoint carries its state over the whole text (context is for transformers)\n")
     words, ids, unknown = encode_prompt(cfg.prompt, vocab)
     if unknown:
         shown = ", ".join(unknown[:10]) + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")

@@ -114,3 +114,39 @@ def set_rng_state(st: Optional[Dict[str, Any]]) -> None:
 def _tuplify(x: Any) -> Any:
     # random.setstate wants tuples; a checkpoint round-trip may hand back lists.
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes that can still be allocated on ``device`` (MemAvailable on Linux CPUs), or None if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(build: Any, device: torch.device, optim_name: str, tokens_per_step: int, vocab: int) -> int:
+    """Estimate a training run's memory before allocating anything; refuse one that cannot fit.
+
+    ``build()`` makes the model; it runs on the meta device (no memory) to count parameters. The estimate is
+    weights + gradients + optimizer state (1 extra copy for SGD, 2 for AdamW) in fp32, plus the (T, B, V)
+    log-probs and their gradients (the largest activations of a word-level LM), times 1.2 for the rest.
+    """
+    with torch.device("meta"):
+        model = build()
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    states = 2 if optim_name == "adamw" else 1
+    need = int(1.2 * (4 * params * (2 + states) + 3 * 4 * tokens_per_step * vocab))
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise UserError(f"this model does not fit in memory: {params / 1e6:,.1f}M parameters need about "
+                        f"{need / 2**30:,.1f} GiB to train (weights, gradients, optimizer state, log-probs), and "
+                        f"{device} has {have / 2**30:,.1f} GiB available: use smaller model sizes or "
+                        f"trainer.batch_size")
+    return need

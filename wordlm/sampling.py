@@ -24,8 +24,9 @@ def filter_logits(logp: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     Order as in common practice: temperature, then top-k, then top-p over what is left.
     """
     logp = logp.float()
-    # Shift so the best word sits at 0: a tiny temperature then gives 0 and -inf (greedy), never NaN.
-    logits = (logp - logp.max()) / temperature
+    # Shift so the best word sits at 0: a tiny temperature then gives 0 and -inf (greedy), never NaN. The
+    # division is done in float64, where a temperature like 1e-300 is not 0 (in float32 it would be: 0/0).
+    logits = ((logp - logp.max()).double() / temperature).float()
     V = logits.numel()
     if top_k and top_k < V:
         kth = torch.topk(logits, top_k).values[-1]

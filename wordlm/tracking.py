@@ -6,6 +6,7 @@ handed a :class:`NullTracker`, so it never asks "is logging on?".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,40 +27,85 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    """Writes TensorBoard events to ``<run>/tb`` and metrics to ``<run>/metrics.json``."""
+    """Writes TensorBoard events to ``<run>/tb`` and metrics to ``<run>/metrics.json``.
+
+    A failed write (a full disk) is one clear error naming the folder, never a writer thread's traceback.
+    """
 
     def __init__(self, run_dir: Path, purge_step: Optional[int] = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = Path(run_dir)
+        _quiet_tensorboard_thread()
         # purge_step: after a resume, TensorBoard drops points a crashed run logged past the checkpoint.
         self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge_step)
 
+    @contextlib.contextmanager
+    def _writing(self):
+        from .config import UserError
+
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"cannot write TensorBoard events in {self.run_dir / 'tb'}: "
+                            f"{getattr(e, 'strerror', None) or e}; free space or make the folder writable "
+                            f"(the last complete checkpoint is kept)") from None
+
     def scalars(self, values: Dict[str, float], step: int) -> None:
-        for tag, v in values.items():
-            self.writer.add_scalar(tag, v, step)
+        with self._writing():
+            for tag, v in values.items():
+                self.writer.add_scalar(tag, v, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
-        self.writer.add_text(tag, text, step)
+        with self._writing():
+            self.writer.add_text(tag, text, step)
 
     def hparams(self, hparams: Dict[str, Any], metrics: Dict[str, float]) -> None:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        with self._writing():
+            self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
 
     def metrics(self, values: Dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / "metrics.json", values)
 
     def flush(self) -> None:
-        self.writer.flush()
+        with self._writing():
+            self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except (OSError, RuntimeError) as e:  # already failing (a full disk): the error that stopped the run says so
+            log.warning("TensorBoard events in %s may be incomplete: %s", self.run_dir / "tb", e)
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard writes from a thread; a failed write there is re-raised in the main thread at the next
+    call (and reported by Tracker in one line), so the thread's own traceback is noise: drop it."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "_wordlm", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook._wordlm = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def write_json_atomic(path: Path, values: Dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(values, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file + rename: a full disk leaves the previous file whole, never a truncated one."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(values, indent=2) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ import torch
 from . import checkpoint, runtime
 from .config import Config, UserError, to_dict
 from .data import Corpus, batchify, get_window, num_windows
+from .data.corpus import check_trainable
 from .distributed import Dist
 from .models import build_model, count_params, map_state, train_flops_per_token
 from .optim import Schedule, build_optimizer
@@ -63,8 +64,13 @@ class Trainer:
         self.precision = runtime.resolve_precision(tc.precision, self.device)
         self.eval_precision = runtime.resolve_precision(tc.eval_precision, self.device, key="trainer.eval_precision")
         runtime.setup(tc, self.device)
+        for split, width in (("train", tc.batch_size * K), ("valid", tc.eval_batch_size), ("test", tc.eval_batch_size)):
+            self._columns(split, width)  # each split fills its columns (a one-line error names the key if not)
+        check_trainable(corpus, cfg.data.min_freq, cfg.data.max_vocab)
 
         # Ranks share the initial weights (same seed); each draws its own dropout masks after.
+        runtime.check_memory(lambda: build_model(cfg.model, len(corpus.vocab)), self.device, cfg.optim.name,
+                             tc.batch_size // W * tc.bptt, len(corpus.vocab))
         runtime.seed_all(tc.seed)
         self.model = build_model(cfg.model, len(corpus.vocab)).to(self.device)
         if tc.init_from:
@@ -307,12 +313,17 @@ class Trainer:
         if len(saved_cbs) != len(self.callbacks):
             raise UserError(f"{where} was trained with {len(saved_cbs)} training callbacks, this run has "
                             f"{len(self.callbacks)}: resume with the same recipe settings")
-        for cb, cst in zip(self.callbacks, saved_cbs):
+        for cb, cst in zip(self.callbacks, saved_cbs, strict=True):
             cb.load_state_dict(cst, self)  # first: a phase may replace the optimizer
+        # fused/foreach are how this device runs the optimizer, not part of its state: keep this run's.
+        impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(ck["optimizer"])
         except (ValueError, KeyError) as e:
             raise UserError(f"{where}: optimizer state does not fit optim={self.cfg.optim.name} ({e})") from None
+        for g, kept in zip(self.optimizer.param_groups, impl, strict=True):
+            g.update(kept)
+        self.step_fn.set_optimizer(self.optimizer)
         self.step, self.epoch, self.pos = int(st["step"]), int(st["epoch"]), int(st["pos"])
         self.best_val, self.validated_at = st["best_val"], int(st["validated_at"])
         self.bad_total, self.seconds = int(st["bad_total"]), float(st["seconds"])
@@ -351,11 +362,15 @@ class Trainer:
         return map_state(local, lambda t: self.dist.gather_cat(t, dim=-2).cpu())
 
     # ------------------------------------------------------------------ helpers
-    def _shard(self, split: str, width: int, share: int) -> torch.Tensor:
+    def _columns(self, split: str, width: int) -> torch.Tensor:
         try:
-            cols = batchify(self.corpus.split(split), width)
+            return batchify(self.corpus.split(split), width)
         except UserError as e:
-            raise UserError(f"{split} split: {e}") from None
+            key = "trainer.batch_size (x trainer.grad_accum)" if split == "train" else "trainer.eval_batch_size"
+            raise UserError(f"{split} split: {e} (here {key}={width})") from None
+
+    def _shard(self, split: str, width: int, share: int) -> torch.Tensor:
+        cols = self._columns(split, width)
         r = self.dist.rank
         return cols[:, r * share : (r + 1) * share].contiguous().to(self.device)
 

@@ -39,6 +39,10 @@ class Corpus:
 def check_folder(folder: Path, hint: str = "") -> dict[str, Path]:
     """The three split files of ``folder``, or a UserError naming the folder and the files expected."""
     files = {s: folder / f"{s}.txt" for s in SPLITS}
+    for p in files.values():
+        if p.is_dir():
+            raise UserError(f"{p} is a folder, not a text file: the corpus folder {folder} must hold train.txt, "
+                            f"valid.txt and test.txt as files" + (f" ({hint})" if hint else ""))
     missing = [p.name for p in files.values() if not p.is_file()]
     if missing:
         raise UserError(
@@ -54,7 +58,12 @@ def check_folder(folder: Path, hint: str = "") -> dict[str, Path]:
 def iter_lines(path: Path) -> Iterator[str]:
     """Lines of a UTF-8 file; bad bytes are a UserError giving file, line and byte offset."""
     offset = 0
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}; make it readable (e.g. chmod a+r) or point "
+                        f"data.dir elsewhere") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             try:
                 yield raw.decode("utf-8")
@@ -96,6 +105,38 @@ def ids_tensor(ids: array) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int32)
     assert ids.itemsize == 4, "array('i') is not 4 bytes on this platform"
     return torch.frombuffer(ids, dtype=torch.int32)
+
+
+def literal_count(path: Path, word: str) -> int:
+    """How often ``word`` itself occurs in ``path`` (e.g. WikiText's own ``<unk>`` tokens, which are not OOV)."""
+    return sum(words.count(word) for words in tokenize(path))
+
+
+MIN_WORDS = 10  # a vocabulary with fewer real words (besides <unk> and <eos>) is not worth training on
+MAX_UNK = 0.5  # nor a training split whose tokens are mostly <unk>
+
+
+def check_trainable(corpus: Corpus, min_freq: int = 1, max_vocab: int | None = None) -> None:
+    """Refuse a vocabulary or training split that would train to a meaningless "best" perplexity."""
+    real = len(corpus.vocab) - 2
+    if max_vocab is not None and real < MIN_WORDS:
+        cause = f"data.max_vocab={max_vocab} keeps {real} real word{'s' if real != 1 else ''}: raise it"
+    elif min_freq > 1 and real < MIN_WORDS:
+        cause = f"data.min_freq={min_freq} leaves {real} real word{'s' if real != 1 else ''}: lower it"
+    elif real < MIN_WORDS:
+        cause = f"train.txt has {real} distinct word{'s' if real != 1 else ''}: give it real text"
+    else:
+        n = corpus.train.numel()
+        unk = int((corpus.train == corpus.vocab.unk).sum()) if n else 0
+        rate = unk / n if n else 0.0
+        if rate <= MAX_UNK:
+            return
+        knob = ("data.max_vocab" if max_vocab is not None else "data.min_freq" if min_freq > 1 else None)
+        cause = (f"{rate:.0%} of the training tokens are <unk>"
+                 + (f": raise {knob}" if knob == "data.max_vocab" else f": lower {knob}" if knob else
+                    ": the text is mostly <unk> itself"))
+    raise UserError(f"the vocabulary is too poor to train on ({cause}); at least {MIN_WORDS} real words and at "
+                    f"most {MAX_UNK:.0%} <unk> are needed")
 
 
 def read_corpus(folder: os.PathLike, min_freq: int = 1, max_vocab: int | None = None) -> Corpus:

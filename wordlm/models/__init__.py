@@ -81,11 +81,22 @@ def model_config(name: str = "lstm", **values: Any) -> ModelConfig:
     return cls(name=name, **values)
 
 
-def config_from_dict(values: Dict[str, Any]) -> ModelConfig:
-    """Rebuild a model config from plain values (a checkpoint's): keys the type lacks are dropped."""
+def config_from_dict(values: Dict[str, Any], strict: bool = False, where: str = "the checkpoint") -> ModelConfig:
+    """Rebuild a model config from plain values (a checkpoint's): keys the type lacks are dropped.
+
+    ``strict``: every key of the type must be there, so a checkpoint's model is rebuilt from its own
+    config alone, never from today's defaults. A key added to a type after checkpoints without it were
+    written is declared in the type's ``LEGACY`` (key -> the value that reproduces those checkpoints).
+    """
     values = dict(values or {})
     cls = config_class(values.get("name", "lstm"))
     known = {f.name for f in dataclasses.fields(cls)}
+    if strict:
+        missing = sorted(known - set(values) - set(getattr(cls, "LEGACY", {})))
+        if missing:
+            raise UserError(f"{where} does not say its model's {', '.join('model.' + k for k in missing)}: it was not "
+                            f"written by wordlm (or is damaged); it cannot be rebuilt without guessing")
+        values = {**getattr(cls, "LEGACY", {}), **values}
     return cls(**{k: v for k, v in values.items() if k in known})
 
 

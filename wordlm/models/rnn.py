@@ -10,11 +10,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig, UserError
+from ..runtime import cpu_has_fast_bf16
 from . import LanguageModel, register
 
 State = Optional[object]  # tensor (GRU/RNN), (h, c) tuple (LSTM), or None (zeros)
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 CLASSIC_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU"}
+# oneDNN's bf16 RNN kernels need AVX512-BF16/AMX: elsewhere a bf16 recurrence is an error, so under bf16 autocast
+# the recurrence runs in fp32 there (the embedding and the decoder, most of the work, stay bf16).
+CPU_RNN_FP32 = not cpu_has_fast_bf16()
 
 
 @dataclass
@@ -58,7 +62,11 @@ class RNNModel(LanguageModel):
 
     def forward(self, tokens: torch.Tensor, state: State = None, aux: bool = False):
         emb = self.drop(self.encoder(tokens))  # (T, B, E)
-        raw, state = self.rnn(emb, state)  # (T, B, H)
+        if CPU_RNN_FP32 and tokens.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                raw, state = self.rnn(emb.float(), state)  # (T, B, H)
+        else:
+            raw, state = self.rnn(emb, state)  # (T, B, H)
         out = self.drop(raw)
         logits = self.decoder(out)  # (T, B, V)
         # The carried state stays fp32 whatever autocast computed it in.

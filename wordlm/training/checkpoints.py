@@ -41,6 +41,15 @@ class CheckpointManager:
         self.stop_signal: Optional[int] = None
         self.last_time = time.monotonic()
 
+    def clear_stale_temps(self) -> None:
+        """Temp files of a write that a kill interrupted (the run lock is held: no write is in flight)."""
+        for p in self.dir.glob(".*.tmp-*"):
+            try:
+                p.unlink()
+                log.info("removed %s, left by an interrupted checkpoint write", p.name)
+            except OSError:
+                pass
+
     @property
     def last(self) -> Path:
         return self.dir / "last.pt"
@@ -73,7 +82,14 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ reading
     def resume(self, trainer: "Trainer", path: Path) -> None:
+        from ..config import resume_conflicts
+
         ck = checkpoint.load(path, map_location=trainer.device)
+        conflicts = resume_conflicts(ck["config"], trainer.cfg)
+        if conflicts:
+            shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in conflicts)
+            raise UserError(f"trainer.resume={path} continues a run defined otherwise ({shown}): resume with the "
+                            f"checkpoint's values, or start a new run from its weights with trainer.init_from={path}")
         vocab = ck["vocab"]
         if vocab != trainer.corpus.vocab.itos:
             raise UserError(
@@ -119,3 +135,80 @@ class CheckpointManager:
                     signal.signal(s, h)
 
         return _Ctx()
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of a run (``<run>/.wordlm.lock``, fcntl.flock).
+
+    The kernel drops the lock when its process dies, so a run killed with SIGKILL leaves no stale
+    lock behind: the next run in that folder takes it. The file names the holder (pid, host, start,
+    command) for the one-line refusal a second run gets.
+    """
+
+    NAME = ".wordlm.lock"
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.NAME
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import json
+        import os
+        import socket
+        import sys
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the run folder {self.path.parent}: {e.strerror or e}; choose a writable "
+                            f"hydra.run.dir") from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"cannot write in the run folder {self.path.parent}: {e.strerror or e}; choose a "
+                                f"writable hydra.run.dir") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise UserError(f"another wordlm run is using {self.path.parent} ({holder}): wait for it to end, "
+                                f"or start this one in another hydra.run.dir") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file that its previous holder unlinked while we waited
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]}
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        self.fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        import json
+        import os
+
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            return f"pid {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
+        except (OSError, ValueError, KeyError):
+            return "a process that has not written its name yet"
+
+    def release(self) -> None:
+        import os
+
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
