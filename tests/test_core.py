@@ -72,7 +72,8 @@ def test_non_finite_step_leaves_weights_optimizer_and_state_untouched(optim):
     for i, s in enumerate(opt.state.values()):
         for k, v in s.items():
             assert torch.equal(opt_state[i][k], v), f"optimizer state {k} changed on a skipped step"
-    assert all(torch.equal(torch.zeros_like(c), n) for c, n in zip(carried, new_states[0], strict=True))  # reset, not NaN
+    # The carried state is reset to zeros, not NaN.
+    assert all(torch.equal(torch.zeros_like(c), n) for c, n in zip(carried, new_states[0], strict=True))
 
     ok, *_ = step(x, y, states)
     assert bool(ok) and int(step.consec_bad) == 0 and int(step.worst_bad) == 1  # the longest streak is kept
