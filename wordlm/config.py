@@ -136,15 +136,43 @@ class GenerateConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The neural cache (Grave et al. 2017); defaults: AWD-LSTM's WikiText-2 pointer settings."""
+
+    enabled: bool = False
+    window: int = 3785  # hidden states remembered (per column)
+    theta: float = 0.662  # inverse temperature of the cache's attention
+    lam: float = 0.1279  # weight of the cache in the mixture (0 = the model alone)
+
+
+@dataclass
+class DynamicConfig:
+    """Dynamic evaluation (Krause et al. 2018); lr and decay are theirs (5e-5, 2e-3 for 5-token segments)
+    scaled to 35-token segments as their code scales its grid."""
+
+    enabled: bool = False
+    lr: float = 3.5e-4  # eta
+    decay: float = 0.014  # lambda: pull towards the trained weights
+    eps: float = 2e-5  # epsilon in grad / (MS + eps)
+    rule: str = "rms"  # rms (Krause's RMS-normalised rule with decay) | sgd
+    segment: Optional[int] = None  # tokens per update; null = bptt
+    stat_batches: Optional[int] = None  # training batches (of 100 columns) for the gradient statistics; null = all
+
+
+@dataclass
 class EvaluateConfig:
     checkpoint: Optional[str] = None  # path to a .pt written by train.py (required)
     data: Optional[DataConfig] = None  # null = the data set the checkpoint was trained on
     split: str = "test"  # train | valid | test
-    batch_size: Optional[int] = None  # null = the training eval_batch_size
+    batch_size: Optional[int] = None  # null = the training eval_batch_size (1 with the cache or dynamic evaluation)
     bptt: Optional[int] = None  # null = the training bptt
     device: str = "auto"
     precision: str = "fp32"
     progress: bool = True
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+    tune: bool = False  # grid-search the enabled methods' settings on valid, then score test with the best
+    tune_tokens: Optional[int] = 30000  # tokens of valid used while tuning (Krause's gridfast); null = all
 
 
 def _check(ok: bool, msg: str) -> None:

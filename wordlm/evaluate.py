@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from .cli import die, entry
-from .config import DataConfig, EvaluateConfig, UserError, build, plain
+from .config import CacheConfig, DataConfig, DynamicConfig, EvaluateConfig, UserError, build, plain
 from .generate import load_checkpoint, need_checkpoint, resolve_device, resolve_precision
 
 OOV_WARN = 0.05  # warn when more of the scored tokens than this are outside the checkpoint's vocabulary
@@ -31,6 +32,24 @@ def validate(cfg: EvaluateConfig) -> None:
                         f"eval_batch_size)")
     if cfg.bptt is not None and cfg.bptt < 1:
         raise UserError(f"bptt={cfg.bptt} must be >= 1 or null (= the training bptt)")
+    c, d = cfg.cache, cfg.dynamic
+    if c.enabled:
+        if c.window < 1:
+            raise UserError(f"cache.window={c.window} must be >= 1")
+        if not 0 <= c.lam < 1:
+            raise UserError(f"cache.lam={c.lam} must be in [0, 1) (0 = the model alone)")
+        if not math.isfinite(c.theta):
+            raise UserError(f"cache.theta={c.theta} must be a finite number")
+    if d.enabled:
+        if d.rule not in ("rms", "sgd"):
+            raise UserError(f"dynamic.rule='{d.rule}': use rms|sgd")
+        if d.lr < 0 or d.decay < 0 or d.eps <= 0:
+            raise UserError(f"dynamic.lr={d.lr} and dynamic.decay={d.decay} must be >= 0, dynamic.eps={d.eps} > 0")
+        if d.segment is not None and d.segment < 1:
+            raise UserError(f"dynamic.segment={d.segment} must be >= 1 or null (= bptt)")
+    if cfg.tune and not (c.enabled or d.enabled):
+        raise UserError("tune=true tunes the cache or dynamic evaluation: add cache.enabled=true and/or "
+                        "dynamic.enabled=true")
 
 
 def run(cfg: EvaluateConfig) -> dict:
@@ -57,22 +76,90 @@ def run(cfg: EvaluateConfig) -> dict:
                          f"vocabulary and score as <unk>: the perplexity is not comparable with the model's own "
                          f"test set (is this the data the model was trained for?)\n")
         sys.stderr.flush()
-    data = batchify(ids, cfg.batch_size or loaded.config.trainer.eval_batch_size, device)  # (T, B)
+    adaptive = cfg.cache.enabled or cfg.dynamic.enabled
+    # The cache and dynamic evaluation follow their references: one column, the whole text one stream.
+    bsz = cfg.batch_size or (1 if adaptive else loaded.config.trainer.eval_batch_size)
+    data = batchify(ids, bsz, device)  # (T, B)
     bptt = cfg.bptt or loaded.config.trainer.bptt
-    loss = nll(loaded.model, data, bptt, device, precision,
-                    progress_desc=f"{cfg.split}" if cfg.progress else None)
-    return {
-        "checkpoint": str(path), "split": cfg.split, "tokens": int((data.size(0) - 1) * data.size(1)),
-        "loss": loss, "perplexity": ppl(loss), "bits_per_word": loss / math.log(2),
-        "oov_rate": oov_rate, "oov_tokens": oov,
-    }
+    out = {"checkpoint": str(path), "split": cfg.split, "tokens": int((data.size(0) - 1) * data.size(1)),
+           "batch_size": bsz, "bptt": bptt}
+    t0 = time.perf_counter()
+    if not adaptive:
+        loss = nll(loaded.model, data, bptt, device, precision, progress_desc=f"{cfg.split}" if cfg.progress else None)
+    else:
+        loss = _adaptive(cfg, loaded, files, data, bsz, bptt, device, precision, out)
+    out.update(loss=loss, perplexity=ppl(loss), bits_per_word=loss / math.log(2), oov_rate=oov_rate, oov_tokens=oov,
+               seconds=round(time.perf_counter() - t0, 3))
+    return out
+
+
+def _adaptive(cfg: EvaluateConfig, loaded, files, data, bsz: int, bptt: int, device, precision: str, out: dict):
+    """Score with the cache and/or dynamic evaluation (tuned on valid first when cfg.tune)."""
+    import dataclasses
+    import itertools
+
+    from . import adaptive
+    from .data.batching import batchify
+    from .data.corpus import encode_file
+    from .scoring import ppl
+
+    model = loaded.model
+    segment = (cfg.dynamic.segment or bptt) if cfg.dynamic.enabled else bptt
+    cache = dataclasses.replace(cfg.cache) if cfg.cache.enabled else None
+    dyn_cfg = dataclasses.replace(cfg.dynamic) if cfg.dynamic.enabled else None
+    ms = None
+    if dyn_cfg is not None:
+        t = time.perf_counter()
+        ms = adaptive.gradient_stats(model, encode_file(files["train"], loaded.vocab), segment, device, precision,
+                                     max_batches=dyn_cfg.stat_batches)
+        out["stat_seconds"] = round(time.perf_counter() - t, 3)
+
+    def score(d, c, dc) -> float:
+        dyn = adaptive.Dynamic(model, dc, ms) if dc is not None else None
+        return adaptive.evaluate(model, d, segment, device, precision, c, dyn)["loss"]
+
+    if cfg.tune:
+        valid = batchify(encode_file(files["valid"], loaded.vocab), bsz, device)
+        if cfg.tune_tokens:
+            valid = valid[: max(2, cfg.tune_tokens // bsz + 1)]
+        tried = []
+        if cache is not None:  # the cache first, on the static model (cheap); dynamic evaluation then uses it
+            best = None
+            for theta, lam in itertools.product(adaptive.CACHE_GRID["theta"], adaptive.CACHE_GRID["lam"]):
+                c = dataclasses.replace(cache, theta=theta, lam=lam)
+                loss = score(valid, c, None)
+                tried.append({"cache.theta": theta, "cache.lam": lam, "valid_ppl": ppl(loss)})
+                if best is None or loss < best[0]:
+                    best = (loss, c)
+            cache = best[1]
+        if dyn_cfg is not None:
+            best = None
+            scale = segment / 5  # Krause's grid is for 5-token segments
+            for lr, decay in itertools.product(adaptive.DYNAMIC_GRID_LR, adaptive.DYNAMIC_GRID_DECAY):
+                dc = dataclasses.replace(dyn_cfg, lr=lr * scale, decay=decay * scale)
+                loss = score(valid, cache, dc)
+                tried.append({"dynamic.lr": dc.lr, "dynamic.decay": dc.decay, "valid_ppl": ppl(loss)})
+                if best is None or loss < best[0]:
+                    best = (loss, dc)
+            dyn_cfg = best[1]
+        full_valid = batchify(encode_file(files["valid"], loaded.vocab), bsz, device)
+        valid_loss = score(full_valid, cache, dyn_cfg)
+        out.update(split="test", valid_ppl=ppl(valid_loss), tried=len(tried))
+        data = batchify(encode_file(files["test"], loaded.vocab), bsz, device)
+        out["tokens"] = int((data.size(0) - 1) * data.size(1))
+    out["cache"] = dataclasses.asdict(cache) if cache is not None else None
+    out["dynamic"] = ({**dataclasses.asdict(dyn_cfg), "segment": segment} if dyn_cfg is not None else None)
+    return score(data, cache, dyn_cfg)
 
 
 def config_from(dc: Any) -> EvaluateConfig:
     values = plain(dc)
     data: dict | None = values.pop("data", None)
+    cache, dynamic = values.pop("cache", None), values.pop("dynamic", None)
     cfg = build(EvaluateConfig, values)
     cfg.data = build(DataConfig, data) if data else None
+    cfg.cache = build(CacheConfig, cache)
+    cfg.dynamic = build(DynamicConfig, dynamic)
     return cfg
 
 
