@@ -72,8 +72,8 @@ def test_non_finite_step_leaves_weights_optimizer_and_state_untouched(optim):
     for i, s in enumerate(opt.state.values()):
         for k, v in s.items():
             assert torch.equal(opt_state[i][k], v), f"optimizer state {k} changed on a skipped step"
-    # The carried state is reset to zeros, not NaN.
-    assert all(torch.equal(torch.zeros_like(c), n) for c, n in zip(carried, new_states[0], strict=True))
+    # The carried state is the one the step started from, not NaN.
+    assert all(torch.equal(c, n) for c, n in zip(carried, new_states[0], strict=True))
 
     ok, *_ = step(x, y, states)
     assert bool(ok) and int(step.consec_bad) == 0 and int(step.worst_bad) == 1  # the longest streak is kept
@@ -348,3 +348,42 @@ def test_pip_install_then_train_from_another_folder(corpus, tmp_path):
     assert list((tmp_path / "xdg" / "wordlm" / "data" / "cache").glob("corpus-*/cache-*.pt"))
     site = Path(where).parents[1]  # site-packages
     assert not list(site.rglob("cache-*.pt")) and not (site / "data").exists()
+
+
+# ---------------------------------------------------------------------------- resume corner cases
+def test_resume_into_another_folder_keeps_the_runs_best_weights(corpus, tmp_path):
+    a = Trainer(tiny_cfg(max_steps=30, eval_every=10), read_corpus(corpus), tmp_path / "a")
+    a.fit()
+    best = checkpoint.load(tmp_path / "a" / "checkpoints" / "best.pt")
+    b = Trainer(tiny_cfg(max_steps=31, eval_every=10), read_corpus(corpus), tmp_path / "b")
+    b.resume(tmp_path / "a" / "checkpoints" / "last.pt")
+    assert all(torch.equal(best["model"][k], v) for k, v in b.best_weights.items())
+
+
+def test_a_checkpoint_taken_after_the_last_window_validates_that_epoch_first(corpus, tmp_path):
+    # Format-1 checkpoints could be written after an epoch's last window and before its validation.
+    t = Trainer(tiny_cfg(max_steps=5), read_corpus(corpus), tmp_path / "a")
+    t.fit()
+    ck = checkpoint.load(tmp_path / "a" / "checkpoints" / "last.pt")
+    rows = t.train_data.size(0)
+    ck["trainer"]["pos"] = rows - 1
+    ck["trainer"]["validated_at"] = -1
+    torch.save(ck, tmp_path / "pending.pt")
+    r = Trainer(tiny_cfg(max_steps=8), read_corpus(corpus), tmp_path / "b")
+    r.resume(tmp_path / "pending.pt")
+    m = r.fit()
+    assert r.epoch == 1 and m["steps"] == 8 and r.validated_at == 5  # validated at step 5, then went on
+
+
+def test_format_1_trainer_state_is_upgraded():
+    from wordlm.checkpoint import _upgrade_v1
+
+    v1 = {"version": 1, "config": {"optim": {"lr": 20.0}}, "scaler": {"scale": 2.0},
+          "trainer": {"step": 7, "epoch": 1, "window": 3, "best_val": 4.5, "bad_total": 1, "train_seconds": 9.0,
+                      "timed_tokens": 100, "timed_seconds": 2.0, "world": 1, "columns": 4, "bptt": 8, "state": None,
+                      "interval": {"sums": torch.zeros(3), "steps": 2, "tokens": 64, "bad": torch.zeros(2)},
+                      "schedule": {"plateau_lr": 5.0, "total": 10}, "rng": [None]}}
+    st = _upgrade_v1(v1)["trainer"]
+    assert st["pos"] == 24 and st["validated_at"] == -1 and st["seconds"] == 9.0
+    assert st["meter"]["steps"] == 2 and st["throughput"] == {"tokens": 100, "seconds": 2.0}
+    assert st["step_fn"]["scaler"] == {"scale": 2.0} and st["schedule"]["plateau_lr"] == 5.0

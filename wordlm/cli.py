@@ -135,8 +135,10 @@ _TILDE = re.compile(r"^([\w.+~/-]+)=(~[^'\"]*)$")
 
 
 def _quote_home_paths(argv: list) -> list:
-    """``data.dir=~/x`` is a lexer error in Hydra's override grammar: quote such values (wordlm expands ~)."""
-    return [_TILDE.sub(lambda m: f"{m.group(1)}='{m.group(2)}'", a) if not a.startswith("-") else a for a in argv]
+    """``data.dir=~/x`` is a lexer error in Hydra's override grammar, and Hydra would not expand ``~`` (in
+    ``hydra.run.dir`` a folder named ``~`` would appear): expand it, quoted, as a shell would have."""
+    return [_TILDE.sub(lambda m: f"{m.group(1)}='{os.path.expanduser(m.group(2))}'", a) if not a.startswith("-")
+            else a for a in argv]
 
 
 def _install_reporting() -> None:

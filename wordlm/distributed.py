@@ -48,6 +48,14 @@ class Dist:
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts, dim)
 
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
     def gather_objects(self, obj: Any) -> List[Any]:
         """Every rank's ``obj``, in rank order (picklable objects, e.g. RNG states)."""
         if not self.enabled:

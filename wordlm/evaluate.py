@@ -47,6 +47,10 @@ def validate(cfg: EvaluateConfig) -> None:
             raise UserError(f"dynamic.lr={d.lr} and dynamic.decay={d.decay} must be >= 0, dynamic.eps={d.eps} > 0")
         if d.segment is not None and d.segment < 1:
             raise UserError(f"dynamic.segment={d.segment} must be >= 1 or null (= bptt)")
+        if cfg.batch_size not in (None, 1):
+            raise UserError(f"dynamic evaluation reads the text as one stream: batch_size={cfg.batch_size} would "
+                            f"adapt the weights on later text (the next columns) before scoring earlier text; "
+                            f"leave batch_size unset (= 1)")
     if cfg.tune and not (c.enabled or d.enabled):
         raise UserError("tune=true tunes the cache or dynamic evaluation: add cache.enabled=true and/or "
                         "dynamic.enabled=true")

@@ -19,7 +19,14 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], devi
     else:
         kw["foreach"] = True
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, momentum=cfg.momentum, **kw)
+        opt = torch.optim.SGD(params, momentum=cfg.momentum, **kw)
+        if cfg.momentum:
+            # Zero buffers up front equal torch's first-step initialisation (buf = grad, dampening 0), and stay
+            # valid when that first step is skipped on a found_inf flag (fused kernels would leave the buffers
+            # they allocate for it uninitialised).
+            for p in params:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return opt
     return torch.optim.AdamW(params, betas=tuple(cfg.betas), eps=cfg.eps, **kw)
 
 

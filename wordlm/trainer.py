@@ -128,6 +128,8 @@ class Trainer:
             cb.on_fit_start(self)
         with self.ckpt.signals():
             while True:
+                if self.pos >= self.train_data.size(0) - 1:  # an epoch end whose validation is still due
+                    self._scheduled_validation(epoch_end=True)  # (a format-1 checkpoint saved just before it)
                 self.stop_reason = self.stop_reason or self._limit_reached()
                 if self.stop_reason:
                     break
@@ -323,6 +325,11 @@ class Trainer:
             raise UserError(f"{where}: optimizer state does not fit optim={self.cfg.optim.name} ({e})") from None
         for g, kept in zip(self.optimizer.param_groups, impl, strict=True):
             g.update(kept)
+            if not (g.get("fused") or g.get("capturable")):  # a step counter on a GPU would sync every step
+                for p in g["params"]:
+                    pst = self.optimizer.state.get(p, {})
+                    if isinstance(pst.get("step"), torch.Tensor):
+                        pst["step"] = pst["step"].cpu()
         self.step_fn.set_optimizer(self.optimizer)
         self.step, self.epoch, self.pos = int(st["step"]), int(st["epoch"]), int(st["pos"])
         self.best_val, self.validated_at = st["best_val"], int(st["validated_at"])

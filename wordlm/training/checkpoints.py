@@ -73,12 +73,18 @@ class CheckpointManager:
         """
         self.last_time = time.monotonic()  # on every rank: they vote on timed checkpoints
         state = trainer.state_dict()
-        if not self.main:
-            return
-        if weights is None:
-            weights = trainer.model.state_dict()
-        checkpoint.save(self.dir / f"{which}.pt",
-                        checkpoint.payload(trainer.cfg, trainer.corpus.vocab, weights, state))
+        failure = ""
+        if self.main:
+            try:
+                checkpoint.save(self.dir / f"{which}.pt", checkpoint.payload(
+                    trainer.cfg, trainer.corpus.vocab, trainer.model.state_dict() if weights is None else weights,
+                    state))
+            except UserError as e:
+                failure = str(e)
+        if trainer.dist.enabled:  # every rank learns that rank 0's write failed, and stops with the same line
+            failure = trainer.dist.broadcast_object(failure)
+        if failure:
+            raise UserError(failure)
 
     # ------------------------------------------------------------------ reading
     def resume(self, trainer: "Trainer", path: Path) -> None:
@@ -101,8 +107,9 @@ class CheckpointManager:
             raise UserError(f"{path} holds weights only, no trainer state: it cannot be resumed "
                             f"(start a new run from its weights with trainer.init_from={path})")
         best_weights = None
-        if self.best.is_file() and self.best.resolve() != Path(path).resolve():
-            best_weights = checkpoint.load(self.best)["model"]
+        best = Path(path).parent / "best.pt"  # the resumed run's own best.pt, wherever this run writes
+        if best.is_file() and best.resolve() != Path(path).resolve():
+            best_weights = checkpoint.load(best)["model"]
         trainer.load_state_dict(ck, best_weights, str(path))
         log.info("resumed from %s at step %d (epoch %d, token %d of the epoch)", path, trainer.step,
                  trainer.epoch + 1, trainer.pos)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import runtime
 from ..config import UserError
 from ..distributed import Dist
-from ..models import detach_state, map_state
+from ..models import detach_state
 
 log = logging.getLogger("wordlm")
 
@@ -43,6 +43,15 @@ def forward_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, state: 
     for term in terms:
         total = total + term(aux, logp, y).float()
     return nll, total, state
+
+
+def _select(ok: torch.Tensor, new: Any, old: Any) -> Any:
+    """``new`` where the step was finite, else ``old`` (None, a tensor or a tuple of tensors), without a sync."""
+    if new is None:
+        return None
+    if isinstance(new, torch.Tensor):
+        return torch.where(ok, new, old)
+    return tuple(_select(ok, n, o) for n, o in zip(new, old, strict=True))
 
 
 class TrainStep:
@@ -115,8 +124,8 @@ class TrainStep:
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip if self.clip else float("inf"))
         ok = torch.isfinite(step_loss) & torch.isfinite(gnorm)
         self._apply(ok)
-        # A non-finite step must not poison the carried state either.
-        new_states = [map_state(s, lambda t: torch.where(ok, t, torch.zeros_like(t))) for s in new_states]
+        # A non-finite step must not poison the carried state either: a skipped step keeps the state it started from.
+        new_states = [_select(ok, new, old) for new, old in zip(new_states, states, strict=True)]
         okf = ok.float()
         self.consec_bad = (self.consec_bad + 1) * (1 - okf)
         self.worst_bad = torch.maximum(self.worst_bad, self.consec_bad)
