@@ -64,8 +64,12 @@ class Trainer:
         self.precision = runtime.resolve_precision(tc.precision, self.device)
         self.eval_precision = runtime.resolve_precision(tc.eval_precision, self.device, key="trainer.eval_precision")
         runtime.setup(tc, self.device)
-        for split, width in (("train", tc.batch_size * K), ("valid", tc.eval_batch_size), ("test", tc.eval_batch_size)):
-            self._columns(split, width)  # each split fills its columns (a one-line error names the key if not)
+
+        # Data: global columns = batch_size * grad_accum; this rank holds its share (consecutive
+        # columns), split into grad_accum micro-batches, each carrying its own hidden state.
+        self.micro = tc.batch_size // W
+        self.train_data = self._shard("train", tc.batch_size * K, self.micro * K)  # (T, micro*K)
+        self.eval_data = {s: self._shard(s, tc.eval_batch_size, tc.eval_batch_size // W) for s in ("valid", "test")}
         check_trainable(corpus, cfg.data.min_freq, cfg.data.max_vocab)
 
         # Ranks share the initial weights (same seed); each draws its own dropout masks after.
@@ -83,11 +87,6 @@ class Trainer:
 
             self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-        # Data: global columns = batch_size * grad_accum; this rank holds its share (consecutive
-        # columns), split into grad_accum micro-batches, each carrying its own hidden state.
-        self.micro = tc.batch_size // W
-        self.train_data = self._shard("train", tc.batch_size * K, self.micro * K)  # (T, micro*K)
-        self.eval_data = {s: self._shard(s, tc.eval_batch_size, tc.eval_batch_size // W) for s in ("valid", "test")}
         self.steps_per_epoch = num_windows(self.train_data, tc.bptt)  # at the base bptt
         self.total_steps = min(tc.epochs * self.steps_per_epoch, tc.max_steps or math.inf)
         flops = train_flops_per_token(cfg.model, len(corpus.vocab), tc.bptt) * self.total_steps * tc.bptt \
