@@ -387,3 +387,20 @@ def test_format_1_trainer_state_is_upgraded():
     assert st["pos"] == 24 and st["validated_at"] == -1 and st["seconds"] == 9.0
     assert st["meter"]["steps"] == 2 and st["throughput"] == {"tokens": 100, "seconds": 2.0}
     assert st["step_fn"]["scaler"] == {"scale": 2.0} and st["schedule"]["plateau_lr"] == 5.0
+
+
+def test_the_interval_meter_leaves_paused_time_out(monkeypatch):
+    from wordlm.training import meters
+
+    now = [100.0]
+    monkeypatch.setattr(meters.time, "perf_counter", lambda: now[0])
+    m = meters.IntervalMeter(torch.device("cpu"), Dist())
+    one = torch.ones((), dtype=torch.bool)
+    m.add(one, torch.tensor(2.0), torch.tensor(1.0), tokens=10)
+    now[0] += 1.0  # a step
+    m.pause()
+    now[0] += 60.0  # a validation
+    m.add(one, torch.tensor(4.0), torch.tensor(1.0), tokens=10)
+    now[0] += 1.0
+    r = m.read()
+    assert r["loss"] == 3.0 and r["tokens_per_sec"] == 10.0 and r["ms_per_step"] == 1000.0

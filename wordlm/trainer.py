@@ -174,6 +174,7 @@ class Trainer:
     def _scheduled_validation(self, epoch_end: bool) -> None:
         """Validate; keep the best weights; tell the schedule and callbacks; write best.pt and last.pt."""
         self.throughput.pause()
+        self.meter.pause()
         val, improved = self._validate(update_best=True)
         self.schedule.on_validation(improved, self.step)
         for cb in self.callbacks:
@@ -196,6 +197,7 @@ class Trainer:
         it had not happened, so a resumed run continues exactly; it is validated for the record, and its
         weights become best.pt only when no validation had happened yet. The schedule never sees it."""
         self.throughput.pause()
+        self.meter.pause()
         self._tick()
         self.ckpt.save("last", self)
         first = self.best_val is None
@@ -237,6 +239,7 @@ class Trainer:
                 timed, stop, budget = (bool(f) for f in flags)
         if (self.ckpt.due(self.step) or timed or stop) and self.validated_at != self.step:
             self.throughput.pause()
+            self.meter.pause()
             self._tick()
             self.ckpt.save("last", self)
         if stop:

@@ -27,8 +27,17 @@ class IntervalMeter:
         self.steps = 0
         self.tokens = 0
         self.t0 = time.perf_counter()
+        self._paused: float | None = None
+
+    def pause(self) -> None:
+        """Leave what follows (validation, checkpoint writes) out of the interval's tokens/s and ms/step."""
+        if self._paused is None:
+            self._paused = time.perf_counter()
 
     def add(self, ok: torch.Tensor, loss: torch.Tensor, gnorm: torch.Tensor, tokens: int) -> None:
+        if self._paused is not None:
+            self.t0 += time.perf_counter() - self._paused
+            self._paused = None
         okf = ok.float()
         self.sums += torch.stack([loss * okf, okf, gnorm * okf]).nan_to_num(0.0) * 1.0
         self.steps += 1
@@ -39,7 +48,7 @@ class IntervalMeter:
         sums = self.dist.all_sum(self.sums.clone().float())
         loss_sum, good, gnorm_sum = (float(v) for v in sums.tolist())
         good /= self.dist.world
-        elapsed = time.perf_counter() - self.t0
+        elapsed = (self._paused if self._paused is not None else time.perf_counter()) - self.t0
         out = {
             "loss": loss_sum / self.dist.world / good if good else float("nan"),
             "grad_norm": gnorm_sum / self.dist.world / good if good else float("nan"),
