@@ -153,7 +153,10 @@ def _adaptive(cfg: EvaluateConfig, loaded, files, data, bsz: int, bptt: int, dev
         out["tokens"] = int((data.size(0) - 1) * data.size(1))
     out["cache"] = dataclasses.asdict(cache) if cache is not None else None
     out["dynamic"] = ({**dataclasses.asdict(dyn_cfg), "segment": segment} if dyn_cfg is not None else None)
-    return score(data, cache, dyn_cfg)
+    t = time.perf_counter()
+    loss = score(data, cache, dyn_cfg)
+    out["score_seconds"] = round(time.perf_counter() - t, 3)  # the scoring pass alone (no statistics, no tuning)
+    return loss
 
 
 def config_from(dc: Any) -> EvaluateConfig:
