@@ -110,6 +110,7 @@ def test_dynamic_update_matches_a_hand_computation():
     assert all(torch.equal(p.detach(), theta0[k]) for k, p in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_cli_tunes_on_valid_and_scores_test_without_touching_the_checkpoint(tmp_path_factory, tmp_path):
     from conftest import ROOT
     from test_generate import trained_run
