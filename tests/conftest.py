@@ -54,6 +54,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small corpus shared by a module's tests (modules that need another size define their own)."""
+    return write_corpus(tmp_path_factory.mktemp("c") / "corpus", {"train": 120, "valid": 20, "test": 20})
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory) -> Path:
+    """A 10-step TINY run on ``corpus``: its run folder."""
+    run = tmp_path_factory.mktemp("run")
+    run_cli("train.py", train_args(corpus, run, "trainer.max_steps=10"), check=True)
+    return run
+
+
 @pytest.fixture
 def corpus_dir(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "corpus")

@@ -31,11 +31,6 @@ from wordlm.training.callbacks import swapped_weights
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("c") / "corpus", {"train": 120, "valid": 20, "test": 20})
-
-
 def tiny_cfg(name: str = "lstm", optim: OptimConfig | None = None, **trainer) -> Config:
     kw = dict(batch_size=4, eval_batch_size=4, bptt=8, epochs=2, log_interval=5, progress=False, sample_words=0,
               threads=1, device="cpu", precision="fp32", compile=False)

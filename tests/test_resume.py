@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, train_args, write_corpus
+from conftest import ROOT, run_cli, train_args
 
 STEPS = 60
 
@@ -37,11 +37,6 @@ def args(corpus: Path, run: Path, *extra: str) -> list:
     # dropout on, so the RNG state must be restored too; an epoch is 32 steps, so resumes cross epochs.
     return train_args(corpus, run, "model.dropout=0.2", "trainer.log_interval=1", f"trainer.max_steps={STEPS}",
                       "trainer.epochs=10", "trainer.sample_words=0", *extra)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("c") / "corpus", {"train": 120, "valid": 20, "test": 20})
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,6 @@ from conftest import ROOT, run_cli, train_args, write_corpus
 from test_resume import tb_losses, wait_for_step
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("c") / "corpus", {"train": 120, "valid": 20, "test": 20})
-
-
-@pytest.fixture(scope="module")
-def trained(corpus, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("run")
-    run_cli("train.py", train_args(corpus, run, "trainer.max_steps=10"), check=True)
-    return run
-
-
 def one_line_error(p: subprocess.CompletedProcess) -> str:
     assert p.returncode != 0
     assert "Traceback" not in p.stderr, p.stderr

@@ -38,18 +38,6 @@ def one_line_error(p: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("c") / "corpus", {"train": 120, "valid": 20, "test": 20})
-
-
-@pytest.fixture(scope="module")
-def trained(corpus, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("run")
-    run_cli("train.py", train_args(corpus, run, "trainer.max_steps=10"), check=True)
-    return run
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 512 KiB file system (tmpfs): writes fail with ENOSPC as on a full disk."""

@@ -123,9 +123,8 @@ def _adaptive(cfg: EvaluateConfig, loaded, files, data, bsz: int, bptt: int, dev
         return adaptive.evaluate(model, d, segment, device, precision, c, dyn)["loss"]
 
     if cfg.tune:
-        valid = batchify(encode_file(files["valid"], loaded.vocab), bsz, device)
-        if cfg.tune_tokens:
-            valid = valid[: max(2, cfg.tune_tokens // bsz + 1)]
+        full_valid = batchify(encode_file(files["valid"], loaded.vocab), bsz, device)
+        valid = full_valid[: max(2, cfg.tune_tokens // bsz + 1)] if cfg.tune_tokens else full_valid
         tried = []
         if cache is not None:  # the cache first, on the static model (cheap); dynamic evaluation then uses it
             best = None
@@ -146,7 +145,6 @@ def _adaptive(cfg: EvaluateConfig, loaded, files, data, bsz: int, bptt: int, dev
                 if best is None or loss < best[0]:
                     best = (loss, dc)
             dyn_cfg = best[1]
-        full_valid = batchify(encode_file(files["valid"], loaded.vocab), bsz, device)
         valid_loss = score(full_valid, cache, dyn_cfg)
         out.update(split="test", valid_ppl=ppl(valid_loss), tried=len(tried))
         data = batchify(encode_file(files["test"], loaded.vocab), bsz, device)

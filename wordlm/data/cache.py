@@ -68,15 +68,6 @@ def writable(folder: Path, create: bool = False) -> bool:
     return fetch.writable_dir(folder)
 
 
-def cache_dir(where: Path) -> Path | None:
-    """``where`` if it can be created and written, else None (no caching, with a warning)."""
-    if writable(where, create=True):
-        return where
-    log.warning("cannot write a tokenisation cache in %s: tokenising on every run (set data.cache_dir to a "
-                "writable folder)", where)
-    return None
-
-
 def load(path: Path, content: str, setting: dict) -> Corpus | None:
     """The cached Corpus at ``path``, or None when it is missing, unreadable or not for this content/settings."""
     if not path.is_file():

@@ -235,12 +235,16 @@ def load_corpus(cfg: DataConfig, folder: Path | None = None) -> Corpus:
         except OSError as e:
             raise UserError(f"cannot create {folder}: {e.strerror or e}; set data.root to a writable folder") from None
     own = corpus_cache_dir(cfg, folder)
+    usable = cache.writable(own, create=True)
+    if cfg.cache and not usable:
+        log.warning("cannot write a tokenisation cache in %s: tokenising on every run (set data.cache_dir to a "
+                    "writable folder)", own)
     try:
-        with fetch.folder_lock(own if cache.writable(own, create=True) else None):
+        with fetch.folder_lock(own if usable else None):
             if not explicit:
                 folder = prepare(cfg)
             files = check_folder(folder)
-            where = cache.cache_dir(own) if cfg.cache else None
+            where = own if cfg.cache and usable else None
             return cache.cached_corpus(files, cfg.min_freq, cfg.max_vocab, where,
                                        lambda: read_corpus(folder, cfg.min_freq, cfg.max_vocab))
     except BaseException:
