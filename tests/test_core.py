@@ -305,13 +305,15 @@ def test_init_from_starts_a_new_run_from_weights_only(corpus, tmp_path):
 @pytest.mark.slow
 def test_presets_are_listed_and_set_the_classic_sizes(tmp_path):
     p = run_cli("train.py", ["--help"], cwd=tmp_path, check=True)
-    assert "experiment: classic_large, classic_medium" in p.stdout
+    assert "experiment: awd_lstm_ptb, awd_lstm_ptb_finetune, awd_lstm_small, awd_lstm_wt2, awd_lstm_wt2_finetune, " \
+           "classic_large, classic_medium" in p.stdout
     p = run_cli("train.py", ["experiment=classic_large", "--cfg", "job"], cwd=tmp_path, check=True)
     import yaml
 
     job = yaml.safe_load(p.stdout)
     assert job["model"] == {"name": "lstm", "emsize": 1500, "nhid": 1500, "nlayers": 2, "dropout": 0.65,
-                            "tied": True}
+                            "tied": True, "dropouti": None, "dropouth": None, "dropoute": 0.0, "wdrop": 0.0,
+                            "locked": False, "last_nhid": None}
     assert job["optim"]["name"] == "sgd" and job["optim"]["lr"] == 20.0 and job["trainer"]["epochs"] == 40
     p = run_cli("train.py", ["experiment=classic_medium", "model.dropout=0.4", "--cfg", "job"], cwd=tmp_path,
                 check=True)

@@ -141,3 +141,24 @@ def test_a_dead_rank_ends_the_job_with_a_clear_error(corpus, tmp_path):
     assert p.returncode != 0
     assert time.monotonic() - t0 < 60
     assert "FAILED" in err, err[-2000:]  # torchrun names the failed rank and its exit code
+
+
+# The AWD-LSTM recipe without its random parts (dropouts 0): layer-by-layer RNN, tied, AR/TAR, NT-ASGD, variable BPTT.
+AWD = ["model.nlayers=2", "model.nhid=24", "model.last_nhid=16", "model.tied=true", "model.locked=true",
+       "loss.ar=2", "loss.tar=1", "optim=ntasgd", "optim.nonmono=1", "trainer.variable_bptt=true",
+       "trainer.max_steps=30", "trainer.eval_every=3", "optim.lr=30"]
+
+
+def test_the_awd_recipe_on_two_ranks_matches_one_process(corpus, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli("train.py", train_args(corpus, one, *DET, *AWD), check=True)
+    p = _run(torchrun(train_args(corpus, two, *DET, *AWD)))
+    assert "world 2" in p.stdout and "averaging the weights from step" in (one / "train.log").read_text()
+    a, b = tb_losses(one), tb_losses(two)
+    assert sorted(a) == sorted(b)
+    for step, loss in a.items():  # every rank drew the same window lengths; the averages are the same
+        assert abs(b[step] - loss) <= 1e-5, (step, b[step], loss)
+    m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
+    assert abs(m1["test_loss"] - m2["test_loss"]) <= 1e-5
+    # With weight drop and dropout on, the ranks train on: the masks are each rank's own.
+    _run(torchrun(train_args(corpus, tmp_path / "drop", *DET, *AWD, "model.wdrop=0.5", "model.dropouti=0.3")))

@@ -78,6 +78,9 @@ class OptimConfig:
     warmup_steps: int = 0  # cosine/constant: linear warmup steps
     min_lr_ratio: float = 0.0  # cosine: final lr = lr * min_lr_ratio
     fused: Optional[bool] = None  # fused optimizer kernels; null = on for CUDA
+    ntasgd: bool = False  # NT-ASGD: average the weights from the first validation that fails the nonmono test on
+    nonmono: int = 5  # NT-ASGD: the test is "valid loss > the best of all checks but the last nonmono"
+    finetune: bool = False  # average from the first step and stop when the nonmono test fails (AWD's finetune)
 
 
 @dataclass
@@ -86,6 +89,7 @@ class TrainerConfig:
     batch_size: int = 20  # global batch (columns) per micro-step, split across ranks
     eval_batch_size: int = 10
     bptt: int = 35  # truncated-BPTT window length
+    variable_bptt: bool = False  # AWD-LSTM's window lengths: N(bptt or bptt/2, 5), lr scaled by length / bptt
     clip: Optional[float] = 0.25  # max gradient norm; null or 0 = no clipping
     seed: int = 1111
     log_interval: int = 200  # optimizer steps between log lines / TensorBoard points
@@ -112,11 +116,20 @@ class TrainerConfig:
 
 
 @dataclass
+class LossConfig:
+    """Terms added to the NLL that training minimises (the reported loss stays the NLL)."""
+
+    ar: float = 0.0  # activation regularisation (AWD-LSTM's alpha): ar * mean(dropped last-layer output ** 2)
+    tar: float = 0.0  # temporal AR (beta): tar * mean((raw last-layer output[t+1] - output[t]) ** 2)
+
+
+@dataclass
 class Config:
     model: Any = field(default_factory=_default_model)  # a ModelConfig subclass, chosen by model.name
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 @dataclass
@@ -211,6 +224,14 @@ def validate(cfg: Config) -> None:
     _check(o.momentum >= 0, f"optim.momentum={o.momentum} must be >= 0")
     _check(o.eps > 0, f"optim.eps={o.eps} must be > 0")
     _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _check(o.nonmono >= 1, f"optim.nonmono={o.nonmono} must be >= 1")
+    _check(not o.finetune or bool(t.init_from or t.resume),
+           "optim.finetune=true finetunes a trained model: add trainer.init_from=<first run>/checkpoints/best.pt")
+    _check(not (o.ntasgd and o.finetune), "optim.ntasgd=true and optim.finetune=true: pick one (finetune averages "
+                                          "from the first step; ntasgd switches to averaging on the trigger)")
+    for k in ("ar", "tar"):
+        v = getattr(cfg.loss, k)
+        _check(v >= 0, f"loss.{k}={v} must be >= 0")
     d = cfg.data
     _check(d.min_freq >= 1, f"data.min_freq={d.min_freq} must be >= 1")
     _check(d.max_vocab is None or d.max_vocab >= 3, f"data.max_vocab={d.max_vocab} must be >= 3 or null")
@@ -232,10 +253,13 @@ def resume_conflicts(saved: dict, cfg: "Config") -> List[tuple]:
     """(key, checkpoint's value, this command's value) for each run-defining key that differs."""
     from .tracking import flatten
 
-    old, new = flatten(saved), flatten(to_dict(cfg))
+    # A key the checkpoint's wordlm did not have yet counts as its default (a model type's LEGACY value): the
+    # behaviour that wordlm had. Changing it on resume is a change like any other.
+    old = {**flatten(to_dict(from_dict(saved))), **flatten(saved)}
+    new = flatten(to_dict(cfg))
     out = []
     for key, value in new.items():
-        if key in RESUMABLE or key not in old:  # a key the checkpoint's wordlm did not have yet: nothing to compare
+        if key in RESUMABLE or key not in old:
             continue
         a, b = old[key], value
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
@@ -247,7 +271,8 @@ def resume_conflicts(saved: dict, cfg: "Config") -> List[tuple]:
     return out
 
 
-_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}  # model: by its name
+# model: by its name
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig, "loss": LossConfig}
 
 
 def build(cls: type, values: dict) -> Any:

@@ -30,10 +30,11 @@ from .config import Config, UserError, to_dict
 from .data import Corpus, batchify, get_window, num_windows
 from .data.corpus import check_trainable
 from .distributed import Dist
-from .models import build_model, count_params, map_state, train_flops_per_token
+from .models import build_model, count_params, map_state, model_class, train_flops_per_token
 from .optim import Schedule, build_optimizer
 from .scoring import nll, ppl
 from .tracking import NullTracker, flatten
+from .training import recipe
 from .training.callbacks import Callback, WindowLength
 from .training.checkpoints import CheckpointManager, Interrupted
 from .training.meters import IntervalMeter, Throughput
@@ -91,19 +92,26 @@ class Trainer:
         self.total_steps = min(tc.epochs * self.steps_per_epoch, tc.max_steps or math.inf)
         flops = train_flops_per_token(cfg.model, len(corpus.vocab), tc.bptt) * self.total_steps * tc.bptt \
             * tc.batch_size * K
+        # The recipe's parts the config turns on (AR/TAR, NT-ASGD, variable BPTT), then the caller's.
+        recipe_cbs, recipe_terms, recipe_window = recipe.from_config(cfg)
+        # Auto-compile leaves out models that compile badly, and variable-length windows (they rarely have
+        # the compiled length: compiling would pay for nothing).
+        window = window_length or recipe_window or WindowLength(tc.bptt)
+        compiled = runtime.resolve_compile(tc.compile, self.device, flops) and not (tc.compile is None and (
+            not model_class(cfg.model.name).compiles_well(cfg.model) or type(window) is not WindowLength))
 
         # The parts.
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), self.device)
         self.schedule = Schedule(cfg.optim, self.optimizer, self.total_steps)
         self.step_fn = TrainStep(self.net, self.model, self.optimizer, device=self.device, precision=self.precision,
                                  accum=K, micro=self.micro, clip=tc.clip, dist=self.dist,
-                                 compiled=runtime.resolve_compile(tc.compile, self.device, flops),
-                                 full_length=tc.bptt, loss_terms=loss_terms)
+                                 compiled=compiled, full_length=tc.bptt,
+                                 loss_terms=[*recipe_terms, *loss_terms])
         self.ckpt = CheckpointManager(self.run_dir, tc.checkpoint_every, tc.checkpoint_minutes, self.dist.main)
         self.meter = IntervalMeter(self.device, self.dist)
         self.throughput = Throughput(self.device, WARMUP_STEPS)
-        self.callbacks: List[Callback] = list(callbacks)
-        self.windows = window_length or WindowLength(tc.bptt)
+        self.callbacks: List[Callback] = [*recipe_cbs, *callbacks]
+        self.windows = window
 
         # Loop state (all of it checkpointed).
         self.step = 0  # optimizer steps taken (good or skipped)
@@ -247,7 +255,7 @@ class Trainer:
             self._write_partial_metrics()
             raise Interrupted(self.ckpt.stop_signal or 15, self.ckpt.last, self.step)
         if budget:
-            self.stop_reason = "max_minutes"
+            self.stop_reason = self.stop_reason or "max_minutes"
 
     def _check_bad_streak(self) -> None:
         n = self.step_fn.worst_bad_streak()
@@ -348,8 +356,9 @@ class Trainer:
         self.windows.load_state_dict(st["windows"])
         if best_weights is not None:
             self.best_weights = best_weights
-        elif self.best_val is not None:  # best.pt is this checkpoint itself
-            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        elif self.best_val is not None:  # best.pt is this checkpoint itself (as validation saw it: averages...)
+            with self._eval_weights():
+                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         rngs = st.get("rng") or []
         if len(rngs) == self.dist.world:
             runtime.set_rng_state(rngs[self.dist.rank])
@@ -400,6 +409,9 @@ class Trainer:
                  self.step_fn.compiled, self.dist.world)
         log.info("train %d tokens -> %d steps/epoch (batch %d x bptt %d, grad_accum %d)",
                  self.corpus.train.numel(), self.steps_per_epoch, tc.batch_size, tc.bptt, tc.grad_accum)
+        parts = recipe.describe(self.cfg)
+        if parts:
+            log.info("recipe: %s", parts)
         self.tracker.text("config", "```\n" + "\n".join(f"{k}: {v}" for k, v in flatten(to_dict(self.cfg)).items())
                           + "\n```", self.step)
 

@@ -37,6 +37,12 @@ class LanguageModel(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def compiles_well(cls, cfg: ModelConfig) -> bool:
+        """Whether ``trainer.compile=null`` (auto) may compile this model: False where torch.compile is known
+        to cost more than it gives (an explicit ``trainer.compile=true`` still compiles)."""
+        return True
+
+    @classmethod
     def classic_args(cls, cfg: ModelConfig) -> List[str]:
         """The classic example's command-line flags for this model (the benchmark's baseline)."""
         raise NotImplementedError
@@ -96,7 +102,7 @@ def config_from_dict(values: Dict[str, Any], strict: bool = False, where: str = 
         if missing:
             raise UserError(f"{where} does not say its model's {', '.join('model.' + k for k in missing)}: it was not "
                             f"written by wordlm (or is damaged); it cannot be rebuilt without guessing")
-        values = {**getattr(cls, "LEGACY", {}), **values}
+    values = {**getattr(cls, "LEGACY", {}), **values}
     return cls(**{k: v for k, v in values.items() if k in known})
 
 
