@@ -221,7 +221,7 @@ class Trainer:
             improved = update_best and math.isfinite(val) and (self.best_val is None or val < self.best_val)
             if improved:
                 self.best_val = val
-                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                self.best_weights = self.weights_on_cpu()
         return val, improved
 
     def _test(self) -> float:
@@ -286,6 +286,10 @@ class Trainer:
         return stack
 
     # ------------------------------------------------------------------ handles for callbacks
+    def weights_on_cpu(self) -> Dict[str, torch.Tensor]:
+        """A CPU copy of the model's weights as they are now (what ``best_weights`` holds)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
     def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Replace the optimizer (an optimizer phase): the step and the schedule use it from the next step."""
         lr = self.schedule.lr
@@ -358,7 +362,7 @@ class Trainer:
             self.best_weights = best_weights
         elif self.best_val is not None:  # best.pt is this checkpoint itself (as validation saw it: averages...)
             with self._eval_weights():
-                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                self.best_weights = self.weights_on_cpu()
         rngs = st.get("rng") or []
         if len(rngs) == self.dist.world:
             runtime.set_rng_state(rngs[self.dist.rank])

@@ -18,6 +18,7 @@ so autograd, DDP, bf16 autocast and checkpoints see ordinary parameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -43,6 +44,13 @@ CPU_RNN_FP32 = not cpu_has_fast_bf16()
 # cuDNN warns when an RNN's weights are not one flat buffer. A weight-dropped matrix is new every forward, so it
 # cannot be part of one: the copy cuDNN makes is the price of weight drop (the reference pays it too).
 _CUDNN_FLAT = "RNN module weights are not part of single contiguous chunk of memory"
+
+
+@contextlib.contextmanager
+def _cudnn_copies_weights():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CUDNN_FLAT)
+        yield
 
 
 @dataclass
@@ -130,9 +138,7 @@ class RNNLayer(nn.Module):
         if state is None:
             z = x.new_zeros(1, x.size(1), self.hidden_size)
             state = (z, z) if self.kind == "lstm" else z
-        with warnings.catch_warnings():
-            if x.is_cuda:
-                warnings.filterwarnings("ignore", message=_CUDNN_FLAT)
+        with _cudnn_copies_weights() if x.is_cuda else contextlib.nullcontext():
             if self.kind == "lstm":
                 out, h, c = KERNELS["lstm"](x, tuple(state), weights, True, 1, 0.0, self.training, False, False)
                 return out, (h, c)

@@ -85,7 +85,7 @@ class NTASGD(Callback):
             # As the reference's finetune.py: the loaded model's own validation loss is the best to beat, so
             # the averages replace it in best.pt (and the test) only once they are better.
             trainer.best_val = trainer.evaluate("valid")
-            trainer.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+            trainer.best_weights = trainer.weights_on_cpu()
             log.info("finetuning from valid loss %.4f (valid ppl %.2f)", trainer.best_val, math.exp(trainer.best_val))
             trainer.ckpt.save("best", trainer, trainer.best_weights)
 
