@@ -27,11 +27,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_scalars(tb_dir: Path) -> dict:
-    """tag -> [(step, value)] from every events file in tb_dir, read back with TensorBoard's own reader."""
+    """tag -> [(step, value)] from every events file under tb_dir (the curves and the hparams run), read back with
+    TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out: dict = {}
-    files = sorted(tb_dir.glob("events.out.tfevents.*"))
+    files = sorted(tb_dir.rglob("events.out.tfevents.*"))
     assert files, f"no TensorBoard events in {tb_dir}"
     for f in files:
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
@@ -56,7 +57,7 @@ def full_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("cli")
     corpus = write_corpus(base / "corpus")
     run_dir = base / "run"
-    p = run_cli("train.py", train_args(corpus, run_dir, "trainer.epochs=2", ONE_THREAD))
+    p = run_cli("train.py", train_args(corpus, run_dir, "trainer.epochs=2", ONE_THREAD, "run_name=test-run"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     return corpus, run_dir, p
@@ -119,7 +120,8 @@ def test_checkpoint_loads_safely_and_rebuilds_the_model(full_run):
         ck = torch.load(run_dir / "checkpoints" / f"{name}.pt", weights_only=True)
         assert isinstance(ck["model"], dict) and all(isinstance(v, torch.Tensor) for v in ck["model"].values())
         cfg = ck["config"]
-        assert type(cfg) is dict and all(type(v) is dict for v in cfg.values())
+        assert type(cfg) is dict and all(type(v) is dict for k, v in cfg.items() if k != "run_name")
+        assert cfg["run_name"] == "test-run"
         assert cfg["model"]["name"] == "lstm" and cfg["model"]["emsize"] == 16
         assert cfg["trainer"]["epochs"] == 2 and cfg["data"]["dir"] == str(corpus)
         assert "hydra" not in cfg
@@ -144,7 +146,9 @@ def test_max_steps_stops_early_and_multirun_writes_one_dir_per_job(tmp_path, cor
     p = run_cli("train.py", ["--multirun", *args])
     assert p.returncode == 0, p.stderr[-3000:]
     jobs = sorted(d for d in sweep.iterdir() if d.is_dir())
-    assert [d.name for d in jobs] == ["0", "1"]
+    # Each job's folder is named by its number and what its overrides change (max_steps here).
+    assert [d.name.split("_")[0] for d in jobs] == ["0", "1"]
+    assert jobs[0].name.endswith("max_steps-3") and jobs[1].name.endswith("max_steps-7")
     assert not (tmp_path / "unused").exists()
     spe = steps_per_epoch(corpus_dir)
     for job, max_steps in zip(jobs, (3, 7), strict=True):

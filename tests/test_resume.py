@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,6 +77,10 @@ def test_signal_then_resume_matches_uninterrupted(corpus, reference, tmp_path, s
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     stopped = ck["trainer"]["step"]
     assert 12 <= stopped < STEPS
+    hint = err.strip().splitlines()[-1]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "interrupted" and m["stop_reason"] == "signal" and m["steps"] == stopped
+    assert hint.split("wordlm: ", 1)[1] in (run / "train.log").read_text()  # the resume command, in train.log too
 
     r = run_cli("train.py", args(corpus, run, "trainer.resume=auto"), check=True)
     assert f"resumed from {run / 'checkpoints' / 'last.pt'} at step {stopped}" in r.stdout

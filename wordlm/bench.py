@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import statistics
 import subprocess
@@ -29,23 +28,7 @@ from typing import Any, Dict, List
 import torch
 
 from .models import model_class, train_flops_per_token
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense matmul FLOP/s on this device and dtype (best of a few)."""
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = 0.0
-    for _ in range(5):
-        reps = 20 if device.type == "cuda" else 4
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        _sync(device)
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
-    return best
+from .runtime import matmul_peak, peak_memory_mb
 
 
 def _sync(device: torch.device) -> None:
@@ -123,10 +106,7 @@ def measure_one(overrides: List[str], steps: int, warmup: int) -> Dict[str, Any]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
     peak = matmul_peak(dev, dtype)
     flops = train_flops_per_token(cfg.model, len(corpus.vocab), bptt)
-    if dev.type == "cuda":
-        mem_mb = torch.cuda.max_memory_allocated(dev) / 2 ** 20
-    else:
-        mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mem_mb = peak_memory_mb(dev)
     return {
         "tokens_per_sec": tps, "ms_per_step": 1000 * dt / steps, "peak_mem_mb": mem_mb,
         "mfu": flops * tps / peak, "matmul_peak_tflops": peak / 1e12, "model_tflops": flops * tps / 1e12,

@@ -187,7 +187,7 @@ def _train(dc: DictConfig) -> dict:
     import torch.distributed
     from hydra.core.hydra_config import HydraConfig
 
-    from . import distributed
+    from . import distributed, record
     from .config import to_config
     from .data.datasets import load_corpus
     from .runtime import resolve_device
@@ -196,6 +196,7 @@ def _train(dc: DictConfig) -> dict:
     from .training.checkpoints import RunLock
 
     cfg = to_config(dc)
+    cfg.run_name = record.run_name(cfg.run_name, HydraConfig.get().overrides.task)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # A train.log write that fails (a full disk) must not print a traceback per log line: the failure that
     # matters (a checkpoint or events that cannot be written) stops the run with one line.
@@ -205,6 +206,7 @@ def _train(dc: DictConfig) -> dict:
     distributed.init(d, device, cfg.trainer.dist_timeout_s)
     trainer = None
     lock = None
+    started = False  # from here on the run folder is this run's: a failure is written into its records
     try:
         if d.enabled:
             run_dir = Path(_broadcast_str(str(run_dir)))  # every rank uses rank 0's run dir
@@ -231,28 +233,57 @@ def _train(dc: DictConfig) -> dict:
             # Only now, with every check passed, does the run folder's record of its config change.
             write_run_record(run_dir, dc)
             trainer.tracker = Tracker(run_dir, purge_step=trainer.step + 1 if resume else None)
-        try:
-            metrics = trainer.fit()
-        finally:
-            trainer.tracker.close()
+        started = True
+        metrics = trainer.fit()
         log.info("outputs in %s", run_dir)
         return metrics
     except Interrupted as e:
-        raise Exit(128 + e.signum, _resume_hint(e, run_dir, d) if d.main else "") from None
+        hint = _resume_hint(e, run_dir, d) if d.main else ""
+        log.warning("%s", hint)
+        raise Exit(128 + e.signum, hint) from None
     except (torch.distributed.DistError, RuntimeError) as e:
         if not (d.enabled and _is_peer_failure(e)):
+            _record_failure(trainer if started else None, f"{type(e).__name__}: {_first_line(e)}")
             raise
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise Exit(1, f"error: rank {d.rank} lost contact with another rank ({first}); the job stops. "
-                      f"Resume with trainer.resume={run_dir / 'checkpoints' / 'last.pt'}") from None
+        message = (f"rank {d.rank} lost contact with another rank ({_first_line(e)[:300]}); the job stops. "
+                   f"Resume with trainer.resume={run_dir / 'checkpoints' / 'last.pt'}")
+        _record_failure(trainer if started else None, message)
+        raise Exit(1, "error: " + message) from None
     except KeyboardInterrupt:
         last = run_dir / "checkpoints" / "last.pt"
         where = f"the last complete checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
-        raise Exit(130, f"stopped at once by Ctrl-C; {where}" if d.main else "") from None
+        message = f"stopped at once by Ctrl-C; {where}"
+        if started:
+            log.warning("%s", message)
+            trainer.stop_reason = "signal"
+            trainer._write_partial_metrics("interrupted", message)
+        raise Exit(130, message if d.main else "") from None
+    except Exception as e:  # a failed run: its error line goes into train.log and metrics.json, then out
+        if isinstance(e, Exit):
+            raise
+        _record_failure(trainer if started else None,
+                        str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {_first_line(e)}")
+        raise
     finally:
+        if trainer is not None:
+            trainer.tracker.close()  # after a failure's record (above) reached TensorBoard
         if lock is not None:
             lock.release()
         distributed.shutdown()
+
+
+def _record_failure(trainer: Any, line: str) -> None:
+    """The error line of a run that had started, in train.log and metrics.json (a refused command, which
+    never started, leaves the folder's records alone)."""
+    if trainer is None:
+        return
+    log.error("run failed at step %d: %s", trainer.step, line)
+    trainer.record_failure(line)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:500] if text else "(no message)"
 
 
 def write_run_record(run_dir: Path, dc: DictConfig) -> None:

@@ -39,6 +39,11 @@ class ModelConfig:
     # models as they were (see wordlm.models.config_from_dict). Not a config key.
     LEGACY: ClassVar[Dict[str, Any]] = {}
 
+    def effective(self) -> Dict[str, Any]:
+        """The keys as the model uses them (a null that means "as model.dropout" resolved; keys that do nothing
+        for this model left out): what a run records about its model. Types override it."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def validate(self) -> None:
         for k in ("emsize", "nhid", "nlayers"):
             v = getattr(self, k)
@@ -130,6 +135,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # The run's name in its folder, TensorBoard and metrics.json; null = the overrides that change the run,
+    # e.g. "model=transformer,optim=adamw" (wordlm.record.run_name)
+    run_name: Optional[str] = None
 
 
 @dataclass
@@ -245,7 +253,7 @@ RESUMABLE = frozenset({
     "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.device", "trainer.threads", "trainer.progress",
     "trainer.compile", "trainer.resume", "trainer.init_from", "trainer.sample_words", "trainer.dist_timeout_s",
     "trainer.max_bad_steps", "trainer.deterministic", "trainer.debug_nan_at_step", "trainer.debug_nan_steps",
-    "optim.fused", "data.root", "data.dir", "data.url", "data.checksum", "data.cache", "data.cache_dir",
+    "optim.fused", "run_name", "data.root", "data.dir", "data.url", "data.checksum", "data.cache", "data.cache_dir",
 })
 
 
@@ -285,7 +293,8 @@ def from_dict(values: dict) -> Config:
     """Rebuild a Config from plain containers (e.g. a checkpoint's)."""
     from .models import config_from_dict
 
-    return Config(model=config_from_dict(values.get("model") or {}),
+    name = values.get("run_name")
+    return Config(model=config_from_dict(values.get("model") or {}), run_name=None if name is None else str(name),
                   **{name: build(cls, values.get(name)) for name, cls in _SECTIONS.items()})
 
 
@@ -314,7 +323,9 @@ def register_configs() -> None:
     from omegaconf import MISSING
 
     from . import models
+    from .record import register_resolver
 
+    register_resolver()  # hydra.run.dir names the run's folder with it
     cs = ConfigStore.instance()
     cs.store(name="wordlm_schema", node=Config(model=MISSING))  # conf/model/<name>.yaml fills model
     for name in models.names():  # each model YAML extends its own type's schema: /schema/model/<name>

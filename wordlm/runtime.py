@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 from typing import Any, Dict, Optional
 
 import torch
@@ -129,6 +130,40 @@ def available_memory(device: torch.device) -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: Optional[int] = None,
+                reps: Optional[int] = None, tries: int = 5) -> float:
+    """Measured dense matmul FLOP/s on this device and dtype (best of ``tries``): the denominator of MFU."""
+    cuda = device.type == "cuda"
+    n = n or (4096 if cuda else 1024)
+    reps = reps or (20 if cuda else 4)
+    gen = torch.Generator(device=device).manual_seed(0)  # private: the training RNG streams stay untouched
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    best = 0.0
+    for _ in range(tries):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+    return best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated tensors on a GPU, the process's peak resident size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def check_memory(build: Any, device: torch.device, optim_name: str, tokens_per_step: int, vocab: int) -> int:

@@ -25,15 +25,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from . import checkpoint, runtime
-from .config import Config, UserError, to_dict
+from . import checkpoint, record, runtime
+from .config import Config, UserError
 from .data import Corpus, batchify, get_window, num_windows
 from .data.corpus import check_trainable
 from .distributed import Dist
 from .models import build_model, count_params, map_state, model_class, train_flops_per_token
 from .optim import Schedule, build_optimizer
 from .scoring import nll, ppl
-from .tracking import NullTracker, flatten
+from .tracking import NullTracker
 from .training import recipe
 from .training.callbacks import Callback, WindowLength
 from .training.checkpoints import CheckpointManager, Interrupted
@@ -90,8 +90,8 @@ class Trainer:
 
         self.steps_per_epoch = num_windows(self.train_data, tc.bptt)  # at the base bptt
         self.total_steps = min(tc.epochs * self.steps_per_epoch, tc.max_steps or math.inf)
-        flops = train_flops_per_token(cfg.model, len(corpus.vocab), tc.bptt) * self.total_steps * tc.bptt \
-            * tc.batch_size * K
+        self.flops_per_token = train_flops_per_token(cfg.model, len(corpus.vocab), tc.bptt)  # training FLOPs
+        flops = self.flops_per_token * self.total_steps * tc.bptt * tc.batch_size * K
         # The recipe's parts the config turns on (AR/TAR, NT-ASGD, variable BPTT), then the caller's.
         recipe_cbs, recipe_terms, recipe_window = recipe.from_config(cfg)
         # Auto-compile leaves out models that compile badly, and variable-length windows (they rarely have
@@ -122,9 +122,15 @@ class Trainer:
         self.best_weights: Optional[Dict[str, torch.Tensor]] = None  # on the CPU
         self.validated_at = -1  # step of the last scheduled validation
         self.bad_total = 0
+        self.tokens_seen = 0  # training tokens, all ranks
         self.seconds = 0.0  # wall-clock seconds of fit(), summed over resumes
+        self.eval_seconds = 0.0  # of which: validation, test, samples
+        self.checkpoint_seconds = 0.0  # of which: checkpoint writes
         self.stop_reason: Optional[str] = None
         self._t_start, self._seconds_before = time.perf_counter(), 0.0
+        self._last_phase_s = 0.0  # seconds of the last evaluation or checkpoint write (for its log line)
+        self._peak_flops: Optional[float] = None  # measured matmul FLOP/s (MFU's denominator), at the first log
+        self._provenance: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> Dict[str, Any]:
@@ -148,6 +154,7 @@ class Trainer:
                 self.step += 1
                 self.pos += x.size(0)
                 tokens = x.numel() * self.dist.world
+                self.tokens_seen += tokens
                 self.meter.add(ok, loss, gnorm, tokens)
                 self.throughput.after_step(tokens)
                 for cb in self.callbacks:
@@ -161,6 +168,7 @@ class Trainer:
                 if epoch_end or (tc.eval_every and self.step % tc.eval_every == 0):
                     self._scheduled_validation(epoch_end)
                 self._between_steps()  # timed/signal checkpoints and the time budget
+        self._log_stop()
         if self.validated_at != self.step:
             self._stop_validation()
         test = self._test()
@@ -195,8 +203,8 @@ class Trainer:
         self._log_validation(val, improved)
         self._tick()
         if improved:
-            self.ckpt.save("best", self, self.best_weights)
-        self.ckpt.save("last", self)
+            self.save_checkpoint("best", self.best_weights)
+        self.save_checkpoint("last")
         if epoch_end:
             self._log_sample()
 
@@ -207,16 +215,18 @@ class Trainer:
         self.throughput.pause()
         self.meter.pause()
         self._tick()
-        self.ckpt.save("last", self)
+        self.save_checkpoint("last")
         first = self.best_val is None
         val, improved = self._validate(update_best=first)
         self._log_validation(val, improved)
         if improved:
-            self.ckpt.save("best", self, self.best_weights)
+            self.save_checkpoint("best", self.best_weights)
         self._log_sample()
 
     def _validate(self, update_best: bool):
-        with self._eval_weights():
+        log.info("validation at step %d: scoring the valid split (%s tokens)", self.step,
+                 f"{self.corpus.split('valid').numel():,}")
+        with self._timed("eval"), self._eval_weights():
             val = self.evaluate("valid")
             improved = update_best and math.isfinite(val) and (self.best_val is None or val < self.best_val)
             if improved:
@@ -225,11 +235,14 @@ class Trainer:
         return val, improved
 
     def _test(self) -> float:
-        if self.best_weights is not None:
-            self.model.load_state_dict(self.best_weights)
-            return self.evaluate("test")
-        with self._eval_weights():
-            return self.evaluate("test")
+        which = "the best validated weights" if self.best_weights is not None else "the final weights"
+        log.info("test: scoring the test split (%s tokens) with %s", f"{self.corpus.split('test').numel():,}", which)
+        with self._timed("eval"):
+            if self.best_weights is not None:
+                self.model.load_state_dict(self.best_weights)
+                return self.evaluate("test")
+            with self._eval_weights():
+                return self.evaluate("test")
 
     def _between_steps(self) -> None:
         """Checkpoints on a step count, a timer or a signal; the wall-clock budget. Ranks agree first."""
@@ -249,10 +262,10 @@ class Trainer:
             self.throughput.pause()
             self.meter.pause()
             self._tick()
-            self.ckpt.save("last", self)
+            self.save_checkpoint("last")
         if stop:
             self.stop_reason = "signal"
-            self._write_partial_metrics()
+            self._write_partial_metrics("interrupted")
             raise Interrupted(self.ckpt.stop_signal or 15, self.ckpt.last, self.step)
         if budget:
             self.stop_reason = self.stop_reason or "max_minutes"
@@ -261,7 +274,6 @@ class Trainer:
         n = self.step_fn.worst_bad_streak()
         if n >= self.cfg.trainer.max_bad_steps:
             self.stop_reason = "bad_steps"
-            self._write_partial_metrics()
             raise UserError(
                 f"{n} non-finite steps in a row (loss or gradient is NaN/inf) at step {self.step}: "
                 f"lower optim.lr or trainer.clip, or use trainer.precision=fp32; "
@@ -285,7 +297,32 @@ class Trainer:
             stack.enter_context(cb.eval_weights(self))
         return stack
 
+    @contextlib.contextmanager
+    def _timed(self, kind: str):
+        """Seconds spent in evaluation ("eval") or checkpoint writes ("checkpoint"), apart from training."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t
+            self._last_phase_s = dt
+            if kind == "eval":
+                self.eval_seconds += dt
+            else:
+                self.checkpoint_seconds += dt
+
     # ------------------------------------------------------------------ handles for callbacks
+    def save_checkpoint(self, which: str, weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Write ``checkpoints/<which>.pt`` (``weights``: default the model's own), saying so in train.log.
+        Collective under DDP."""
+        path = self.ckpt.dir / f"{which}.pt"
+        shown = path.relative_to(self.run_dir) if path.is_relative_to(self.run_dir) else path
+        log.info("checkpoint: writing %s", shown)
+        with self._timed("checkpoint"):
+            self.ckpt.save(which, self, weights)
+        size = path.stat().st_size / 2 ** 20 if self.dist.main and path.is_file() else float("nan")
+        log.info("checkpoint: wrote %s (%.2f MB in %.2f s)", shown, size, self._last_phase_s)
+
     def weights_on_cpu(self) -> Dict[str, torch.Tensor]:
         """A CPU copy of the model's weights as they are now (what ``best_weights`` holds)."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
@@ -306,7 +343,9 @@ class Trainer:
         st = {
             "step": self.step, "epoch": self.epoch, "pos": self.pos, "best_val": self.best_val,
             "validated_at": self.validated_at, "bad_total": self.bad_total, "seconds": self.seconds,
-            "world": self.dist.world, "columns": tc.batch_size * tc.grad_accum, "bptt": tc.bptt,
+            "tokens_seen": self.tokens_seen, "eval_seconds": self.eval_seconds,
+            "checkpoint_seconds": self.checkpoint_seconds, "world": self.dist.world,
+            "columns": tc.batch_size * tc.grad_accum, "bptt": tc.bptt,
             "state": self._global_state(),
             "meter": self.meter.state_dict(), "throughput": self.throughput.state_dict(),
             "step_fn": self.step_fn.state_dict(), "schedule": self.schedule.state_dict(),
@@ -348,6 +387,10 @@ class Trainer:
         self.step, self.epoch, self.pos = int(st["step"]), int(st["epoch"]), int(st["pos"])
         self.best_val, self.validated_at = st["best_val"], int(st["validated_at"])
         self.bad_total, self.seconds = int(st["bad_total"]), float(st["seconds"])
+        # Checkpoints from before these were counted: tokens from the steps (exact at a fixed bptt).
+        self.tokens_seen = int(st.get("tokens_seen", self.step * columns * tc.bptt))
+        self.eval_seconds = float(st.get("eval_seconds", 0.0))
+        self.checkpoint_seconds = float(st.get("checkpoint_seconds", 0.0))
         if st["state"] is not None:
             block = self.micro * tc.grad_accum  # this rank's consecutive columns
             mine = map_state(st["state"], lambda t: t[..., self.dist.rank * block:(self.dist.rank + 1) * block, :])
@@ -406,18 +449,30 @@ class Trainer:
         self.seconds = self._elapsed()
 
     # ------------------------------------------------------------------ logging
+    def settings(self) -> Dict[str, Any]:
+        """The config as it ran (resolved device, precision, compile, threads; keys that act; vocabulary size,
+        parameters): TensorBoard's config text and HPARAMS, and metrics.json's ``config``."""
+        return record.settings(self.cfg, {
+            "trainer.device": str(self.device), "trainer.precision": self.precision,
+            "trainer.eval_precision": self.eval_precision, "trainer.compile": self.step_fn.compiled,
+            "trainer.threads": torch.get_num_threads(), "trainer.world_size": self.dist.world,
+            "data.vocab_size": len(self.corpus.vocab), "model.params": self.params,
+        })
+
     def _log_start(self) -> None:
         tc = self.cfg.trainer
-        log.info("model %s: %s parameters | vocab %d | device %s | precision %s | compile %s | world %d",
-                 self.cfg.model.name, f"{self.params:,}", len(self.corpus.vocab), self.device, self.precision,
-                 self.step_fn.compiled, self.dist.world)
+        log.info("run %s | model %s: %s parameters | vocab %d | device %s | precision %s | compile %s | world %d",
+                 self.cfg.run_name or "-", self.cfg.model.name, f"{self.params:,}", len(self.corpus.vocab),
+                 self.device, self.precision, self.step_fn.compiled, self.dist.world)
         log.info("train %d tokens -> %d steps/epoch (batch %d x bptt %d, grad_accum %d)",
                  self.corpus.train.numel(), self.steps_per_epoch, tc.batch_size, tc.bptt, tc.grad_accum)
         parts = recipe.describe(self.cfg)
         if parts:
             log.info("recipe: %s", parts)
-        self.tracker.text("config", "```\n" + "\n".join(f"{k}: {v}" for k, v in flatten(to_dict(self.cfg)).items())
-                          + "\n```", self.step)
+        settings = self.settings()
+        self.tracker.text("config", "```\n" + "\n".join(f"{k}: {v}" for k, v in settings.items()) + "\n```",
+                          self.step)
+        self.tracker.hparams_start({k: record.hparam_value(v) for k, v in settings.items()})
 
     def _log_interval(self) -> None:
         m = self.meter.read()  # one sync per interval
@@ -429,14 +484,40 @@ class Trainer:
                  self.steps_per_epoch, lr, loss, ppl(loss), m["grad_norm"], m["tokens_per_sec"], m["ms_per_step"],
                  f" | {bad} bad steps skipped" if bad else "")
         vals = {"train/loss": loss, "train/ppl": ppl(loss), "train/lr": lr, "train/grad_norm": m["grad_norm"],
-                "train/tokens_per_sec": m["tokens_per_sec"], "train/bad_steps": float(self.bad_total)}
+                "train/tokens_per_sec": m["tokens_per_sec"], "train/ms_per_step": m["ms_per_step"],
+                "train/bad_steps": float(self.bad_total), "train/epoch": self.epochs_done,
+                "train/tokens": float(self.tokens_seen), "train/mfu": self._mfu(m["tokens_per_sec"]),
+                "train/peak_mem_mb": runtime.peak_memory_mb(self.device)}
+        if self.step_fn.scaler is not None:  # fp16
+            vals["train/loss_scale"] = float(self.step_fn.scaler.get_scale())
         self.tracker.scalars({k: v for k, v in vals.items() if math.isfinite(v)}, self.step)
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs trained, fractional: 1.5 is half-way through the second."""
+        return self.epoch + self.pos / max(1, self.train_data.size(0) - 1)
+
+    def _mfu(self, tokens_per_sec: float) -> float:
+        """Model FLOPs utilisation of one device: training FLOP/s over the matmul FLOP/s measured here once
+        (in the training dtype; on a CPU a 512-wide matmul, so a share of what this CPU does, not a datasheet)."""
+        if not self.dist.main:
+            return float("nan")
+        if self._peak_flops is None:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+            cpu = self.device.type == "cpu"
+            self._peak_flops = runtime.matmul_peak(self.device, dtype, n=512 if cpu else None, reps=8 if cpu else None,
+                                                   tries=3)
+            self.meter.pause()  # (leave the measurement out of the next interval)
+        return self.flops_per_token * tokens_per_sec / self.dist.world / self._peak_flops
 
     def _log_validation(self, val: float, improved: bool) -> None:
         where = f"end of epoch {self.epoch}" if self.pos == 0 else f"epoch {self.epoch + 1}"
-        log.info("%s | step %d | valid loss %.4f | valid ppl %.2f%s", where, self.step, val, ppl(val),
-                 " | best" if improved else "")
-        self.tracker.scalars({"valid/loss": val, "valid/ppl": ppl(val)}, self.step)
+        log.info("%s | step %d | valid loss %.4f | valid ppl %.2f%s | %.1f s", where, self.step, val, ppl(val),
+                 " | best" if improved else "", self._last_phase_s)
+        vals = {"valid/loss": val, "valid/ppl": ppl(val)}
+        if self.best_val is not None:
+            vals["valid/best_ppl"] = ppl(self.best_val)
+        self.tracker.scalars(vals, self.step)
         self.tracker.flush()
 
     def _log_sample(self) -> None:
@@ -445,39 +526,75 @@ class Trainer:
             return
         from .sampling import sample_text
 
-        with self._eval_weights():
-            text = sample_text(self.model, self.corpus.vocab, n, self.device, seed=self.cfg.trainer.seed,
-                               context=self.cfg.trainer.bptt)
-        self.tracker.text("sample", text.replace("\n", "  \n"), self.step)
+        tc, temperature = self.cfg.trainer, 1.0
+        with self._timed("eval"), self._eval_weights():
+            text = sample_text(self.model, self.corpus.vocab, n, self.device, seed=tc.seed, context=tc.bptt,
+                               temperature=temperature)
+        caption = (f"*{n} words sampled at step {self.step} (epoch {self.epochs_done:.2f}), seed {tc.seed}, "
+                   f"temperature {temperature:g}, all words (no top-k/top-p), context {tc.bptt}*")
+        self.tracker.text("sample", caption + "\n\n" + text.replace("\n", "  \n"), self.step)
 
-    def _metrics(self) -> Dict[str, Any]:
+    def _log_stop(self) -> None:
+        tc, why = self.cfg.trainer, self.stop_reason
+        text = {
+            "epochs": f"trainer.epochs={tc.epochs} completed",
+            "max_steps": f"trainer.max_steps={tc.max_steps} reached",
+            "max_minutes": f"the trainer.max_minutes={tc.max_minutes:g} budget is spent "
+                           f"({self._elapsed() / 60:.1f} min)" if tc.max_minutes else "the time budget is spent",
+            "nonmono": f"finetuning ended: the valid loss failed the non-monotone test (optim.nonmono="
+                       f"{self.cfg.optim.nonmono})",
+        }.get(why or "", str(why))
+        log.info("stopping at step %d (epoch %.2f): %s", self.step, self.epochs_done, text)
+
+    def provenance(self) -> Dict[str, Any]:
+        if self._provenance is None:
+            self._provenance = {"versions": record.versions(), "git": record.git_commit()}
+        return self._provenance
+
+    def _metrics(self, status: str, error: Optional[str] = None) -> Dict[str, Any]:
+        """metrics.json: how the run ended and why, its figures, where its seconds went, what ran."""
         best = self.best_val if self.best_val is not None else float("nan")
+        train_s = self.seconds - self.eval_seconds - self.checkpoint_seconds
         return {
-            "best_valid_loss": best, "best_valid_ppl": ppl(best),
-            "train_tokens_per_sec": self.throughput.tokens_per_sec,
-            "steps": self.step, "epochs": self.epoch + self.pos / max(1, self.train_data.size(0) - 1),
-            "params": self.params, "seconds": round(self.seconds, 3), "bad_steps": self.bad_total,
-            "world_size": self.dist.world, "stop_reason": self.stop_reason,
+            "status": status, "stop_reason": self.stop_reason, "error": error, "run_name": self.cfg.run_name,
+            "best_valid_loss": best, "best_valid_ppl": ppl(best), "test_loss": None, "test_ppl": None,
+            "steps": self.step, "epochs": self.epochs_done, "epochs_completed": self.epoch,
+            "tokens": self.tokens_seen, "train_tokens_per_sec": self.throughput.tokens_per_sec,
+            "params": self.params, "vocab_size": len(self.corpus.vocab),
+            "seconds": round(self.seconds, 3), "train_seconds": round(max(0.0, train_s), 3),
+            "eval_seconds": round(self.eval_seconds, 3), "checkpoint_seconds": round(self.checkpoint_seconds, 3),
+            "bad_steps": self.bad_total, "world_size": self.dist.world,
+            "device": str(self.device), "precision": self.precision, "compile": self.step_fn.compiled,
+            "config": self.settings(), **self.provenance(),
         }
 
-    def _write_partial_metrics(self) -> None:
-        """A run that stops without a test (signal, non-finite steps) still says how far it got and why."""
+    def _write_partial_metrics(self, status: str = "interrupted", error: Optional[str] = None) -> None:
+        """A run that stops without a test (signal, non-finite steps, an error) still says how far it got
+        and why."""
         self._tick()
         try:
-            self.tracker.metrics({**self._metrics(), "test_loss": None, "test_ppl": None})
-        except OSError:
+            self.tracker.metrics(self._metrics(status, error))
+            self.tracker.hparams_end(status)
+        except (OSError, UserError):
             pass  # the one-line error or the resume hint that follows matters more
+
+    def record_failure(self, error: str) -> None:
+        """The run failed (``error``: the line the user sees): metrics.json and TensorBoard say so."""
+        if self.stop_reason is None:
+            self.stop_reason = "error"
+        self._write_partial_metrics("failed", error)
 
     def _finish(self, test: float) -> Dict[str, Any]:
         self._tick()
-        metrics = self._metrics()
+        metrics = self._metrics("completed")
         metrics.update(test_loss=test, test_ppl=ppl(test))
-        log.info("test loss %.4f | test ppl %.2f | best valid ppl %.2f | stopped by %s", test, metrics["test_ppl"],
-                 metrics["best_valid_ppl"], self.stop_reason)
+        log.info("test loss %.4f | test ppl %.2f | best valid ppl %.2f | %.1f s", test, metrics["test_ppl"],
+                 metrics["best_valid_ppl"], self._last_phase_s)
+        log.info("done: %d steps, %.2f epochs in %.1f min (training %.1f, evaluation %.1f, checkpoints %.1f); "
+                 "stopped by %s", self.step, self.epochs_done, self.seconds / 60, metrics["train_seconds"] / 60,
+                 self.eval_seconds / 60, self.checkpoint_seconds / 60, self.stop_reason)
         self.tracker.scalars({"test/loss": test, "test/ppl": metrics["test_ppl"]}, self.step)
-        hp = flatten(to_dict(self.cfg))
-        self.tracker.hparams({k: v for k, v in hp.items() if v is not None},
-                             {"best_valid_ppl": metrics["best_valid_ppl"], "test_ppl": metrics["test_ppl"]})
+        self.tracker.hparams_end("completed")
         try:
             self.tracker.metrics(metrics)
         except OSError as e:

@@ -83,6 +83,13 @@ class RNNConfig(ModelConfig):
         v = getattr(self, key)
         return self.dropout if v is None else v
 
+    def effective(self) -> Dict[str, Any]:
+        out = {**super().effective(), "dropouti": self.p("dropouti"), "dropouth": self.p("dropouth"),
+               "last_nhid": self.sizes[-1]}
+        if self.nlayers == 1:
+            del out["dropouth"]  # nothing between layers
+        return out
+
     def validate(self) -> None:
         super().validate()
         for k in ("dropouti", "dropouth", "dropoute", "wdrop"):

@@ -57,6 +57,10 @@ class TransformerModel(LanguageModel):
             self.decoder.weight = self.encoder.weight
 
     def positions(self, length: int, device) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            # torch.export (wordlm.export's ONNX graph): the length is symbolic, and a cached table would become a
+            # constant of the traced length in the graph; compute the positions of this length instead.
+            return sinusoids(length, self.cfg.emsize, device)
         if self._pe.size(0) < length or self._pe.device != torch.device(device):
             self._pe = sinusoids(max(length, 64), self.cfg.emsize, device)
         return self._pe[:length]

@@ -87,7 +87,7 @@ class NTASGD(Callback):
             trainer.best_val = trainer.evaluate("valid")
             trainer.best_weights = trainer.weights_on_cpu()
             log.info("finetuning from valid loss %.4f (valid ppl %.2f)", trainer.best_val, math.exp(trainer.best_val))
-            trainer.ckpt.save("best", trainer, trainer.best_weights)
+            trainer.save_checkpoint("best", trainer.best_weights)
 
     def on_step_end(self, trainer: "Trainer") -> None:
         if not self.averaging:
