@@ -157,6 +157,16 @@ class GenerateConfig:
 
 
 @dataclass
+class ExportConfig:
+    checkpoint: Optional[str] = None  # path to a .pt written by train.py (required)
+    format: str = "onnx"  # onnx (the only format so far)
+    out: Optional[str] = None  # null = the checkpoint's path with .onnx for .pt (never a .pt; existing: overwrite)
+    overwrite: bool = False  # allow out to replace an existing file
+    opset: int = 18  # ONNX opset (>= 18)
+    verify: bool = True  # compare the file with PyTorch in onnxruntime (when installed) before writing it
+
+
+@dataclass
 class CacheConfig:
     """The neural cache (Grave et al. 2017); defaults: AWD-LSTM's WikiText-2 pointer settings."""
 
@@ -331,4 +341,5 @@ def register_configs() -> None:
     for name in models.names():  # each model YAML extends its own type's schema: /schema/model/<name>
         cs.store(group="schema/model", name=name, node=models.config_class(name)(name=name))
     cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
