@@ -36,8 +36,12 @@ CASES = [
     ("gru", {"locked": True}, ["h0_0", "h0_1"]),
     ("transformer", {}, []),
     ("transformer", {"tied": True}, []),
+    ("transformer", {"norm_first": True, "activation": "gelu", "positions": "learned", "max_len": 80,
+                     "init": "scaled", "tied": True}, []),
+    ("transformer", {"bias": False}, []),
 ]
-IDS = ["lstm", "gru", "rnn_tanh", "rnn_relu_tied", "awd_lstm", "layered_gru", "transformer", "transformer_tied"]
+IDS = ["lstm", "gru", "rnn_tanh", "rnn_relu_tied", "awd_lstm", "layered_gru", "transformer", "transformer_tied",
+       "transformer_prenorm_gelu_learned", "transformer_nobias"]
 
 
 @pytest.fixture(scope="module", autouse=True)

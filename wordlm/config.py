@@ -247,6 +247,12 @@ def validate(cfg: Config) -> None:
            "optim.finetune=true finetunes a trained model: add trainer.init_from=<first run>/checkpoints/best.pt")
     _check(not (o.ntasgd and o.finetune), "optim.ntasgd=true and optim.finetune=true: pick one (finetune averages "
                                           "from the first step; ntasgd switches to averaging on the trigger)")
+    longest = getattr(cfg.model, "longest", None)  # learned positions: the longest window the model reads
+    if longest is not None:
+        need = t.bptt + (40 if t.variable_bptt else 0)  # variable windows: N(bptt, 5), 8 sigma of room
+        _check(need <= longest, f"trainer.bptt={t.bptt}{' with variable_bptt' if t.variable_bptt else ''} needs "
+                                f"windows of up to {need} tokens, longer than model.max_len={longest} (learned "
+                                f"positions): set model.max_len={need} or lower trainer.bptt")
     for k in ("ar", "tar"):
         v = getattr(cfg.loss, k)
         _check(v >= 0, f"loss.{k}={v} must be >= 0")

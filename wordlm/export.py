@@ -173,6 +173,7 @@ def export_onnx(model: nn.Module, path: Path, vocab_size: int, opset: int) -> Tu
     seq_len, batch = EXAMPLE
     tokens = torch.randint(0, vocab_size, (seq_len, batch), generator=torch.Generator().manual_seed(0))
     state = flat_state(model.init_state(batch))
+    tied = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False)) > count_params(model)
     with _quiet():
         if names:
             axes: Dict[str, Dict[int, str]] = {"tokens": {0: "seq_len", 1: "batch"},
@@ -181,13 +182,15 @@ def export_onnx(model: nn.Module, path: Path, vocab_size: int, opset: int) -> Tu
             # With tied weights, this exporter's constant folding writes the shared embedding/decoder matrix twice
             # (classic_medium: 200 MB instead of the checkpoint's 114 MB). Unfolded it is stored once, and runtimes
             # fold the rest when they load the graph (onnxruntime does; measured at the same speed).
-            tied = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False)) > count_params(model)
             torch.onnx.export(wrapper, (tokens, *state), str(path), input_names=inputs, output_names=outputs,
                               dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=not tied)
         else:
             dims = {0: torch.export.Dim("seq_len"), 1: torch.export.Dim("batch")}
+            # Tied weights: this exporter's optimizer folds the decoder's transpose of the shared matrix into a
+            # second copy; unoptimised it is stored once (onnxruntime optimises when it loads the graph).
             program = torch.onnx.export(wrapper, (tokens,), input_names=inputs, output_names=outputs,
-                                        dynamic_shapes=(dims,), opset_version=opset, dynamo=True, verbose=False)
+                                        dynamic_shapes=(dims,), opset_version=opset, dynamo=True, verbose=False,
+                                        optimize=not tied)
             program.save(str(path))
     return inputs, outputs
 

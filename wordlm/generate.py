@@ -144,6 +144,10 @@ def run(cfg: GenerateConfig, stdout: TextIO | None = None) -> dict:
     vocab, model = loaded.vocab, loaded.model
     model.eval()
     context = cfg.context or loaded.config.trainer.bptt
+    longest = getattr(loaded.config.model, "longest", None)
+    if longest is not None and context > longest:
+        raise UserError(f"context={context} is longer than this model reads: model.max_len={longest} (learned "
+                        f"positions); use context={longest} or less")
     if cfg.context is not None and model.init_state(1, device) is not None:
         sys.stderr.write(f"wordlm: note: context={cfg.context} is ignored: this {loaded.config.model.name} "
                          f"checkpoint carries its state over the whole text (context is for transformers)\n")

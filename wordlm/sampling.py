@@ -1,9 +1,12 @@
 """Sampling text from a model: temperature, top-k, top-p, prompts.
 
 Models that return a recurrent state carry it token by token (the past is never
-re-run); models that return ``None`` (the transformer) are re-run over a sliding
-window of the last ``context`` tokens with the same causal mask they trained with.
-Neither path asks what kind of model it holds: the first forward pass tells.
+re-run). A model that decodes incrementally (``model.incremental``: the transformer) is fed one
+token at a time through a key/value cache until it holds ``context`` tokens; then the cache
+starts again from the last half of the window (one forward pass of ``context // 2`` tokens), so
+each word sees between ``context // 2`` and ``context`` words of history at a cost independent of
+the context. Other models that return ``None`` are re-run over a sliding window of the last
+``context`` tokens with the same causal mask they trained with.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class Sampler:
         self.state = None
         self.window: list[int] = []
         self.stateful: bool | None = None
+        self.incremental = bool(getattr(model, "incremental", False))
+        self.cache = None  # incremental decoding: the model's key/value cache of the window's last tokens
 
     def _run(self, tokens: Sequence[int], state) -> torch.Tensor:
         x = torch.tensor(list(tokens), dtype=torch.long, device=self.device).unsqueeze(1)  # (T, 1)
@@ -67,6 +72,8 @@ class Sampler:
         if not tokens:
             raise ValueError("feed() needs at least one token")
         self.model.eval()
+        if self.incremental:
+            return self._decode(tokens)
         logp = None
         if self.stateful is None:
             # Probe with one token: a model that hands back a state carries it from now on. Probing with
@@ -83,6 +90,26 @@ class Sampler:
             return logp
         self.window = (self.window + tokens)[-self.context :]
         return self._run(self.window, None)
+
+
+    def _decode(self, tokens: list[int]) -> torch.Tensor:
+        self.window = (self.window + tokens)[-self.context :]
+        if self.cache is not None and self.cache["len"] + len(tokens) <= self.context:
+            new = tokens
+        else:  # the first feed, or a full window: start the cache again from the window's end
+            keep = len(self.window) if self.cache is None else min(len(self.window),
+                                                                   max(len(tokens), self.context // 2, 1))
+            new = self.window[-keep:]
+            self.cache = self.model.init_cache()
+        x = torch.tensor(new, dtype=torch.long, device=self.device).unsqueeze(1)  # (t, 1)
+        return self.model.decode(x, self.cache)[-1, 0]
+
+    @property
+    def history(self) -> list[int]:
+        """The tokens the next word is conditioned on (what the cache or the window holds)."""
+        if self.incremental and self.cache is not None:
+            return self.window[-self.cache["len"]:]
+        return list(self.window)
 
 
 def draw(logp: torch.Tensor, temperature: float, top_k: int, top_p: float,
