@@ -73,6 +73,7 @@ def test_metrics_json_explains_the_run(two_runs):
     assert "optim.momentum" in c and "optim.betas" not in c and "optim.warmup_steps" not in c  # sgd, plateau
     tr = _metrics(two_runs[2])["config"]
     assert tr["model.name"] == "transformer" and "model.nhead" in tr and "model.dropouti" not in tr
+    assert tr["trainer.eval_context"] == 4 and c["trainer.eval_context"] == 0  # bptt 8: half; an LSTM has state
     # Where it came from.
     v = m["versions"]
     assert v["torch"] == torch.__version__ and v["python"] == sys.version.split()[0] and v["hydra-core"]

@@ -149,3 +149,59 @@ def test_a_checkpoint_from_before_the_options_loads_and_samples_identically(tmp_
         return out
 
     assert sample(loaded) == sample(model) == windowed(model)
+
+
+# ---------------------------------------------------------------------------- evaluation with context
+class PositionProbe(torch.nn.Module):
+    """Stateless like the transformer, and scores nothing: it records the windows it is given (the test's tokens
+    are their own positions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.windows: list = []
+
+    def init_state(self, batch_size: int, device=None):
+        return None
+
+    def forward(self, x, state=None):
+        self.windows.append(x[:, 0].tolist())
+        return torch.zeros(x.size(0), x.size(1), 128), None
+
+
+@pytest.mark.parametrize("context", [0, 1, 3, 7])
+def test_evaluation_with_context_scores_each_token_once_with_its_history(monkeypatch, context):
+    from wordlm import scoring
+
+    bptt, T = 8, 101
+    data = torch.arange(T).unsqueeze(1).repeat(1, 2)  # (T, B): each token is its position
+    scored = []
+    real = scoring.F.nll_loss
+
+    def spy(logp, y, **kw):
+        scored.append(y.view(-1, 2)[:, 0].tolist())
+        return real(logp, y, **kw)
+
+    monkeypatch.setattr(scoring.F, "nll_loss", spy)
+    probe = PositionProbe()
+    scoring.nll(probe, data, bptt, torch.device("cpu"), context=context)
+    assert [p for window in scored for p in window] == list(range(1, T))  # every target once, in order
+    for window, targets in zip(probe.windows, scored, strict=True):
+        assert len(window) <= bptt and window == list(range(window[0], window[-1] + 1))
+        for p in targets:  # the target at p is predicted from p - 1 with min(context, p - 1) tokens before it
+            assert window[0] <= max(0, p - 1 - context) and p - 1 <= window[-1]
+
+
+def test_evaluation_with_no_context_is_the_plain_evaluation_and_rnns_ignore_it():
+    from wordlm.scoring import eval_context, nll
+
+    model = tiny(norm_first=True)
+    data = torch.randint(0, V, (90, 3), generator=torch.Generator().manual_seed(6))
+    cpu = torch.device("cpu")
+    plain = nll(model, data, 8, cpu)
+    assert nll(model, data, 8, cpu, context=0) == plain
+    assert nll(model, data, 8, cpu, context=eval_context(model, None, 8)) != plain  # (null = 4: it does change)
+    assert eval_context(model, None, 8) == 4 and eval_context(model, 0, 8) == 0
+    rnn = build_model(model_config("gru", emsize=16, nhid=16, nlayers=1), V).eval()
+    assert eval_context(rnn, 5, 8) == 0  # carries its state: every window already has all of the past
+    with pytest.raises(ValueError, match="eval_context=8 must be in"):
+        eval_context(model, 8, 8)

@@ -94,6 +94,9 @@ class TrainerConfig:
     batch_size: int = 20  # global batch (columns) per micro-step, split across ranks
     eval_batch_size: int = 10
     bptt: int = 35  # truncated-BPTT window length
+    # transformer evaluation: tokens of each bptt-long window used only as history before the scored ones (each
+    # token scored once); null = bptt // 2; 0 = non-overlapping windows, as the classic example. RNNs carry state.
+    eval_context: Optional[int] = None
     variable_bptt: bool = False  # AWD-LSTM's window lengths: N(bptt or bptt/2, 5), lr scaled by length / bptt
     clip: Optional[float] = 0.25  # max gradient norm; null or 0 = no clipping
     seed: int = 1111
@@ -197,6 +200,8 @@ class EvaluateConfig:
     split: str = "test"  # train | valid | test
     batch_size: Optional[int] = None  # null = the training eval_batch_size (1 with the cache or dynamic evaluation)
     bptt: Optional[int] = None  # null = the training bptt
+    eval_context: Optional[int] = None  # transformer: tokens of history per window (see trainer.eval_context);
+    #                                     null = the checkpoint's trainer.eval_context
     device: str = "auto"
     precision: str = "fp32"
     progress: bool = True
@@ -227,6 +232,8 @@ def validate(cfg: Config) -> None:
     _check(t.eval_precision in PRECISIONS,
            f"trainer.eval_precision='{t.eval_precision}': use {'|'.join(PRECISIONS)}")
     _check(t.threads is None or t.threads >= 1, f"trainer.threads={t.threads} must be >= 1 or null")
+    _check(t.eval_context is None or 0 <= t.eval_context < t.bptt,
+           f"trainer.eval_context={t.eval_context} must be in [0, trainer.bptt={t.bptt}) or null (= bptt // 2)")
     _check(t.eval_every is None or t.eval_every >= 1, f"trainer.eval_every={t.eval_every} must be >= 1 or null")
     for k in ("checkpoint_every", "checkpoint_minutes", "max_minutes"):
         v = getattr(t, k)

@@ -60,7 +60,7 @@ def run(cfg: EvaluateConfig) -> dict:
     from .data.batching import batchify
     from .data.corpus import check_folder, encode_file, literal_count
     from .data.datasets import prepare
-    from .scoring import nll, ppl
+    from .scoring import eval_context, nll, ppl
 
     validate(cfg)
     path = need_checkpoint(cfg.checkpoint, "-m wordlm.evaluate")
@@ -85,11 +85,20 @@ def run(cfg: EvaluateConfig) -> dict:
     bsz = cfg.batch_size or (1 if adaptive else loaded.config.trainer.eval_batch_size)
     data = batchify(ids, bsz, device)  # (T, B)
     bptt = cfg.bptt or loaded.config.trainer.bptt
+    longest = getattr(loaded.config.model, "longest", None)
+    if longest is not None and bptt > longest:
+        raise UserError(f"bptt={bptt} is longer than this model reads: model.max_len={longest} (learned positions); "
+                        f"use bptt={longest} or less")
+    given = cfg.eval_context if cfg.eval_context is not None else getattr(loaded.config.trainer, "eval_context", None)
+    if given is not None and not 0 <= given < bptt:
+        raise UserError(f"eval_context={given} must be in [0, bptt={bptt}) (null = the checkpoint's, else bptt // 2)")
+    context = eval_context(loaded.model, given, bptt)
     out = {"checkpoint": str(path), "split": cfg.split, "tokens": int((data.size(0) - 1) * data.size(1)),
-           "batch_size": bsz, "bptt": bptt}
+           "batch_size": bsz, "bptt": bptt, "eval_context": context}
     t0 = time.perf_counter()
     if not adaptive:
-        loss = nll(loaded.model, data, bptt, device, precision, progress_desc=f"{cfg.split}" if cfg.progress else None)
+        loss = nll(loaded.model, data, bptt, device, precision, progress_desc=f"{cfg.split}" if cfg.progress else None,
+                   context=context)
     else:
         loss = _adaptive(cfg, loaded, files, data, bsz, bptt, device, precision, out)
     out.update(loss=loss, perplexity=ppl(loss), bits_per_word=loss / math.log(2), oov_rate=oov_rate, oov_tokens=oov,

@@ -18,11 +18,26 @@ def ppl(loss: float) -> float:
     return math.exp(loss) if not loss >= 700 else float("inf")
 
 
+def eval_context(model: torch.nn.Module, value: Optional[int], bptt: int) -> int:
+    """Tokens of context each evaluation window of a stateless model (the transformer) carries before the tokens
+    it scores: ``value``, or half the window (``bptt // 2``) when null; 0 for models that carry a state."""
+    if model.init_state(1) is not None:
+        return 0
+    n = bptt // 2 if value is None else int(value)
+    if not 0 <= n < bptt:
+        raise ValueError(f"eval_context={n} must be in [0, bptt={bptt})")
+    return n
+
+
 @torch.no_grad()
 def nll(model: torch.nn.Module, data: torch.Tensor, bptt: int, device: torch.device, precision: str = "fp32",
-        dist: Optional[Dist] = None, progress_desc: Optional[str] = None) -> float:
-    """Token-weighted mean negative log-likelihood of ``data`` (T, B) under ``model``, in eval mode,
-    carrying the state across windows of ``bptt`` tokens (reduced across ranks under DDP)."""
+        dist: Optional[Dist] = None, progress_desc: Optional[str] = None, context: int = 0) -> float:
+    """Token-weighted mean negative log-likelihood of ``data`` (T, B) under ``model``, in eval mode (reduced across
+    ranks under DDP). Windows of ``bptt`` tokens; a model with a state carries it across them. ``context`` (a
+    stateless model's, see :func:`eval_context`): each window is still ``bptt`` tokens long, but its first
+    ``context`` tokens only give history (the previous window's last ones) and the other ``bptt - context`` are
+    scored, so every token is scored exactly once, with at least ``context`` tokens before it (but at the start).
+    ``context=0`` is the plain, non-overlapping evaluation."""
     from .tracking import progress
 
     dist = dist or Dist()
@@ -31,11 +46,14 @@ def nll(model: torch.nn.Module, data: torch.Tensor, bptt: int, device: torch.dev
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     state = None
-    starts = range(0, data.size(0) - 1, bptt)
+    stride = bptt - context  # tokens scored per window
+    starts = range(0, data.size(0) - 1, stride)
     for i in progress(starts, total=len(starts), desc=progress_desc or "", enabled=progress_desc is not None):
-        x, y = get_window(data, i, bptt)
+        lo = max(0, i - context)
+        x, y = get_window(data, lo, i - lo + stride)
         with runtime.autocast(device, precision):
             logp, state = model(x, state)
+        logp, y = logp[i - lo:], y[i - lo:]  # the scored positions
         total += F.nll_loss(logp.reshape(-1, logp.size(-1)).float(), y.reshape(-1), reduction="sum").double()
         count += y.numel()
     dist.all_sum(total)

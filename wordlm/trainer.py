@@ -32,7 +32,7 @@ from .data.corpus import check_trainable
 from .distributed import Dist
 from .models import build_model, count_params, map_state, model_class, train_flops_per_token
 from .optim import Schedule, build_optimizer
-from .scoring import nll, ppl
+from .scoring import eval_context, nll, ppl
 from .tracking import NullTracker
 from .training import recipe
 from .training.callbacks import Callback, WindowLength
@@ -81,6 +81,7 @@ class Trainer:
         if tc.init_from:
             checkpoint.init_from(self.model, corpus.vocab, tc.init_from)
         self.params = count_params(self.model)
+        self.eval_context = eval_context(self.model, tc.eval_context, tc.bptt)
         runtime.seed_all(tc.seed + self.dist.rank)
         self.net = self.model
         if self.dist.enabled:
@@ -289,7 +290,8 @@ class Trainer:
     def evaluate(self, split: str) -> float:
         """Token-weighted mean NLL of ``split`` under the model as it is now (reduced across ranks)."""
         return nll(self.model, self.eval_data[split], self.cfg.trainer.bptt, self.device, self.eval_precision,
-                   self.dist, progress_desc=split if self.cfg.trainer.progress and self.dist.main else None)
+                   self.dist, progress_desc=split if self.cfg.trainer.progress and self.dist.main else None,
+                   context=self.eval_context)
 
     def _eval_weights(self):
         stack = contextlib.ExitStack()
@@ -456,6 +458,7 @@ class Trainer:
             "trainer.device": str(self.device), "trainer.precision": self.precision,
             "trainer.eval_precision": self.eval_precision, "trainer.compile": self.step_fn.compiled,
             "trainer.threads": torch.get_num_threads(), "trainer.world_size": self.dist.world,
+            "trainer.eval_context": self.eval_context,
             "data.vocab_size": len(self.corpus.vocab), "model.params": self.params,
         })
 
