@@ -94,7 +94,7 @@ def run(cfg: EvaluateConfig) -> dict:
         raise UserError(f"eval_context={given} must be in [0, bptt={bptt}) (null = the checkpoint's, else bptt // 2)")
     context = eval_context(loaded.model, given, bptt)
     out = {"checkpoint": str(path), "split": cfg.split, "tokens": int((data.size(0) - 1) * data.size(1)),
-           "batch_size": bsz, "bptt": bptt, "eval_context": context}
+           "batch_size": bsz, "bptt": bptt, "eval_context": 0 if adaptive else context}  # (cache/dynamic: a stream)
     t0 = time.perf_counter()
     if not adaptive:
         loss = nll(loaded.model, data, bptt, device, precision, progress_desc=f"{cfg.split}" if cfg.progress else None,
