@@ -205,3 +205,15 @@ def test_evaluation_with_no_context_is_the_plain_evaluation_and_rnns_ignore_it()
     assert eval_context(rnn, 5, 8) == 0  # carries its state: every window already has all of the past
     with pytest.raises(ValueError, match="eval_context=8 must be in"):
         eval_context(model, 8, 8)
+
+
+def test_the_transformer_small_preset_composes_to_what_it_says():
+    from wordlm.bench import compose
+    from wordlm.models import count_params
+
+    cfg = compose(["experiment=transformer_small"])
+    m = cfg.model
+    assert (m.name, m.norm_first, m.activation, m.init, m.tied) == ("transformer", True, "gelu", "scaled", True)
+    assert cfg.trainer.bptt > 35 and cfg.trainer.max_minutes == 20
+    assert (cfg.optim.name, cfg.optim.schedule) == ("adamw", "cosine") and cfg.optim.warmup_steps > 0
+    assert 5e6 < count_params(build_model(m, 13777)) < 7e6  # on wikitext-2-small's vocabulary
