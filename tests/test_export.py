@@ -39,9 +39,13 @@ CASES = [
     ("transformer", {"norm_first": True, "activation": "gelu", "positions": "learned", "max_len": 80,
                      "init": "scaled", "tied": True}, []),
     ("transformer", {"bias": False}, []),
+    # adaptive softmax and adaptive input (wordlm.models.words)
+    ("lstm", {"softmax": "adaptive", "cutoffs": [8, 20]}, ["h0", "c0"]),
+    ("transformer", {"softmax": "adaptive", "adaptive_input": True, "tied": True, "cutoffs": [8, 20]}, []),
 ]
 IDS = ["lstm", "gru", "rnn_tanh", "rnn_relu_tied", "awd_lstm", "layered_gru", "transformer", "transformer_tied",
-       "transformer_prenorm_gelu_learned", "transformer_nobias"]
+       "transformer_prenorm_gelu_learned", "transformer_nobias", "lstm_adaptive_softmax",
+       "transformer_adaptive_tied"]
 
 
 @pytest.fixture(scope="module", autouse=True)

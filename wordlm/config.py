@@ -34,21 +34,43 @@ class ModelConfig:
     nlayers: int = 2  # number of layers
     dropout: float = 0.2  # dropout probability
     tied: bool = False  # tie the decoder weights to the embedding (needs emsize == nhid for RNNs)
+    softmax: str = "full"  # full | adaptive: Grave et al.'s adaptive softmax, clusters cut at model.cutoffs
+    cutoffs: List[int] = field(default_factory=lambda: [2000, 10000])  # adaptive softmax/input: vocabulary bands
+    div_value: float = 4.0  # adaptive softmax/input: band i is dim / div_value ** i wide
+    adaptive_input: bool = False  # Baevski & Auli's adaptive input embeddings over the same bands
+    adaptive_dropout: float = 0.0  # adaptive softmax: dropout on each cluster's projected features
 
     # Keys a type gains after checkpoints without them exist, with the value that rebuilds those checkpoints'
-    # models as they were (see wordlm.models.config_from_dict). Not a config key.
-    LEGACY: ClassVar[Dict[str, Any]] = {}
+    # models as they were (see wordlm.models.config_from_dict). Not a config key. Types extend it.
+    LEGACY: ClassVar[Dict[str, Any]] = {"softmax": "full", "cutoffs": [2000, 10000], "div_value": 4.0,
+                                        "adaptive_input": False, "adaptive_dropout": 0.0}
 
     def effective(self) -> Dict[str, Any]:
         """The keys as the model uses them (a null that means "as model.dropout" resolved; keys that do nothing
         for this model left out): what a run records about its model. Types override it."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.softmax != "adaptive" and not self.adaptive_input:
+            for k in ("cutoffs", "div_value"):
+                del out[k]
+        if self.softmax != "adaptive":
+            del out["adaptive_dropout"]
+        return out
 
     def validate(self) -> None:
         for k in ("emsize", "nhid", "nlayers"):
             v = getattr(self, k)
             _check(v >= 1, f"model.{k}={v} is impossible: it must be >= 1")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+        _check(self.softmax in ("full", "adaptive"), f"model.softmax={self.softmax!r}: use full|adaptive")
+        c = list(self.cutoffs)
+        _check(len(c) >= 1 and all(isinstance(x, int) and x >= 1 for x in c) and c == sorted(set(c)),
+               f"model.cutoffs={c} must be one or more increasing word counts, e.g. model.cutoffs=[2000,10000]")
+        _check(self.div_value >= 1.0, f"model.div_value={self.div_value} must be >= 1 (1: every band full width)")
+        _check(0.0 <= self.adaptive_dropout < 1.0, f"model.adaptive_dropout={self.adaptive_dropout} must be in [0, 1)")
+        if self.tied and (self.softmax == "adaptive") != self.adaptive_input:
+            _check(False, "model.tied=true with an adaptive layer ties the adaptive softmax's clusters to the adaptive "
+                          "input's bands: set both model.softmax=adaptive and model.adaptive_input=true, or "
+                          "model.tied=false")
 
 
 def _default_model() -> ModelConfig:
@@ -105,6 +127,7 @@ class TrainerConfig:
     max_steps: Optional[int] = None  # stop after this many optimizer steps (still evaluate, save, test)
     max_minutes: Optional[float] = None  # wall-clock budget of the whole run (then evaluate, save, test)
     eval_every: Optional[int] = None  # also validate every N optimizer steps (not only at epoch ends)
+    target_ppl: Optional[float] = None  # stop once a validation reaches this perplexity (time-to-target runs)
     init_from: Optional[str] = None  # start a new run from this checkpoint's model weights only
     precision: str = "auto"  # training: auto | fp32 | bf16 | fp16
     eval_precision: str = "fp32"  # evaluation (valid/test perplexity): fp32 keeps reported numbers exact
@@ -235,6 +258,7 @@ def validate(cfg: Config) -> None:
     _check(t.eval_context is None or 0 <= t.eval_context < t.bptt,
            f"trainer.eval_context={t.eval_context} must be in [0, trainer.bptt={t.bptt}) or null (= bptt // 2)")
     _check(t.eval_every is None or t.eval_every >= 1, f"trainer.eval_every={t.eval_every} must be >= 1 or null")
+    _check(t.target_ppl is None or t.target_ppl > 1, f"trainer.target_ppl={t.target_ppl} must be > 1 or null")
     for k in ("checkpoint_every", "checkpoint_minutes", "max_minutes"):
         v = getattr(t, k)
         _check(v is None or v > 0, f"trainer.{k}={v} must be > 0 or null")
@@ -273,6 +297,7 @@ def validate(cfg: Config) -> None:
 # precision) and must equal the checkpoint's: see :func:`resume_conflicts`.
 RESUMABLE = frozenset({
     "trainer.epochs", "trainer.max_steps", "trainer.max_minutes", "trainer.log_interval", "trainer.eval_every",
+    "trainer.target_ppl",
     "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.device", "trainer.threads", "trainer.progress",
     "trainer.compile", "trainer.resume", "trainer.init_from", "trainer.sample_words", "trainer.dist_timeout_s",
     "trainer.max_bad_steps", "trainer.deterministic", "trainer.debug_nan_at_step", "trainer.debug_nan_steps",

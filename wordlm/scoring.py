@@ -6,11 +6,11 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import runtime
 from .data import get_window
 from .distributed import Dist
+from .models import target_log_probs
 
 
 def ppl(loss: float) -> float:
@@ -27,6 +27,11 @@ def eval_context(model: torch.nn.Module, value: Optional[int], bptt: int) -> int
     if not 0 <= n < bptt:
         raise ValueError(f"eval_context={n} must be in [0, bptt={bptt})")
     return n
+
+
+def _summed(target_logp: torch.Tensor) -> torch.Tensor:
+    """The float64 sum of the scored targets' log-probs (one function, so a test can see what is scored)."""
+    return target_logp.double().sum()
 
 
 @torch.no_grad()
@@ -52,10 +57,10 @@ def nll(model: torch.nn.Module, data: torch.Tensor, bptt: int, device: torch.dev
         lo = max(0, i - context)
         x, y = get_window(data, lo, i - lo + stride)
         with runtime.autocast(device, precision):
-            logp, state = model(x, state)
-        logp, y = logp[i - lo:], y[i - lo:]  # the scored positions
-        total += F.nll_loss(logp.reshape(-1, logp.size(-1)).float(), y.reshape(-1), reduction="sum").double()
-        count += y.numel()
+            logp, state = target_log_probs(model, x, state, y)  # (T, B): each target's log-prob
+        scored = logp[i - lo:]  # the scored positions
+        total -= _summed(scored)
+        count += scored.numel()
     dist.all_sum(total)
     dist.all_sum(count)
     model.train(was_training)

@@ -2,6 +2,11 @@
 
     forward(tokens (T, B), state, aux=False) -> (log_probs (T, B, V), state)            # aux=False
                                              -> (log_probs (T, B, V), state, aux dict)  # aux=True
+    forward(tokens, state, targets=y (T, B)) -> (log-prob of each target (T, B), state[, aux])  # optional
+
+The log-probs cover the whole vocabulary (they sum to 1) whatever the output layer. Given ``targets``, a
+model returns only each target's log-prob, which the loss needs: for the adaptive softmax that is the
+clustered path, whose cost follows the head's size, not the vocabulary's (``wordlm.models.words``).
 
 ``aux`` holds what a loss term or an evaluation method may need besides the log-probs, under
 names every model uses the same way: ``hidden`` (T, B, H), the final features the decoder reads
@@ -15,7 +20,7 @@ Nothing outside this package asks which model type it holds.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -27,6 +32,10 @@ _REGISTRY: Dict[str, Tuple[Type["LanguageModel"], Type[ModelConfig]]] = {}
 
 class LanguageModel(nn.Module):
     """What every registered model provides besides ``forward``."""
+
+    # Whether ``forward`` takes ``targets=`` (see the module's docstring). A model that does not is given the
+    # full log-probs' gather instead, so a new model type needs only the log-probs.
+    scores_targets: bool = False
 
     def init_state(self, batch_size: int, device=None) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
@@ -117,7 +126,22 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> LanguageModel:
         cfg = conf(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                       if f.name in {g.name for g in dataclasses.fields(conf)}})
     cfg.validate()
+    check_cutoffs(cfg, vocab_size)
     return cls(cfg, vocab_size)
+
+
+def target_log_probs(model: nn.Module, x: torch.Tensor, state: Any, y: torch.Tensor, aux: bool = False,
+                     scores_targets: Optional[bool] = None):
+    """``model(x, state[, aux=True])`` with the log-prob of each target ``y`` (T, B) in place of the full (T, B, V)
+    log-probs: the model's own target path where it has one (``scores_targets``; pass it for a wrapped model,
+    e.g. DDP's), else a gather from the full log-probs."""
+    if scores_targets is None:
+        scores_targets = getattr(model, "scores_targets", False)
+    kw = {"aux": True} if aux else {}
+    if scores_targets:
+        return model(x, state, targets=y, **kw)
+    out = model(x, state, **kw)
+    return (out[0].gather(-1, y.unsqueeze(-1)).squeeze(-1), *out[1:])
 
 
 def train_flops_per_token(cfg: ModelConfig, vocab_size: int, bptt: int) -> float:
@@ -145,7 +169,8 @@ def count_params(model: nn.Module) -> int:
 # The built-in model types register themselves on import.
 from .rnn import RNNConfig, RNNModel  # noqa: E402
 from .transformer import TransformerConfig, TransformerModel  # noqa: E402
+from .words import check_cutoffs  # noqa: E402
 
 __all__ = ["LanguageModel", "RNNConfig", "RNNModel", "TransformerConfig", "TransformerModel", "build_model",
            "config_class", "config_from_dict", "count_params", "detach_state", "map_state", "model_class",
-           "model_config", "names", "register", "train_flops_per_token", "validate_model"]
+           "model_config", "names", "register", "target_log_probs", "train_flops_per_token", "validate_model"]

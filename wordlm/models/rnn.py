@@ -31,6 +31,17 @@ import torch.nn.functional as F
 from ..config import ModelConfig, UserError
 from ..runtime import cpu_has_fast_bf16
 from . import LanguageModel, register
+from .words import (  # noqa: F401
+    AdaptiveInput,
+    Softmax,
+    any_adaptive,
+    embed,
+    embedding_dropout,
+    input_flops,
+    make_input,
+    make_output,
+    output_flops,
+)
 
 # Classic path: None (zeros), a tensor (GRU/RNN, (nlayers, B, H)) or an (h, c) tuple (LSTM).
 # Layered path: a flat tuple, per layer h (GRU/RNN) or h, c (LSTM), each (1, B, H_layer).
@@ -65,8 +76,8 @@ class RNNConfig(ModelConfig):
     last_nhid: Optional[int] = None  # size of the last layer; null = nhid (AWD-LSTM: = emsize, to tie)
 
     # Checkpoints written before these keys existed were the classic model.
-    LEGACY: ClassVar[Dict[str, Any]] = {"dropouti": None, "dropouth": None, "dropoute": 0.0, "wdrop": 0.0,
-                                        "locked": False, "last_nhid": None}
+    LEGACY: ClassVar[Dict[str, Any]] = {**ModelConfig.LEGACY, "dropouti": None, "dropouth": None,
+                                        "dropoute": 0.0, "wdrop": 0.0, "locked": False, "last_nhid": None}
 
     @property
     def sizes(self) -> List[int]:
@@ -113,16 +124,6 @@ def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask
 
 
-def embedding_dropout(embed: nn.Embedding, tokens: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Look ``tokens`` up in ``embed`` with whole rows (words) dropped with probability ``p``, the rest / (1 - p):
-    every occurrence of a dropped word in the batch reads zeros."""
-    w = embed.weight
-    if training and p > 0:
-        mask = torch.empty(w.size(0), 1, device=w.device, dtype=w.dtype).bernoulli_(1 - p).div_(1 - p)
-        w = w * mask
-    return F.embedding(tokens, w)
-
-
 class RNNLayer(nn.Module):
     """One LSTM/GRU/Elman layer with weight drop on its hidden-to-hidden matrix: ``F.dropout`` of the
     matrix (a new mask each forward, none in eval), then the fused kernel ``nn.LSTM`` itself calls."""
@@ -155,12 +156,14 @@ class RNNLayer(nn.Module):
 
 @register("lstm", "gru", "rnn_tanh", "rnn_relu", config=RNNConfig)
 class RNNModel(LanguageModel):
+    scores_targets = True
+
     def __init__(self, cfg: RNNConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.drop = nn.Dropout(cfg.dropout)
         self.drop_in = nn.Dropout(cfg.p("dropouti"))
-        self.encoder = nn.Embedding(vocab_size, cfg.emsize)
+        self.encoder = make_input(cfg, vocab_size)
         self.layered = cfg.layered
         if self.layered:
             ins = [cfg.emsize] + cfg.sizes[:-1]
@@ -176,12 +179,14 @@ class RNNModel(LanguageModel):
             else:
                 act = cfg.name.split("_")[1]  # rnn_tanh -> tanh
                 self.rnn = nn.RNN(cfg.emsize, cfg.nhid, cfg.nlayers, nonlinearity=act, dropout=inter)
-        self.decoder = nn.Linear(cfg.sizes[-1], vocab_size)
-        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
-        if cfg.tied:
-            self.decoder.weight = self.encoder.weight
+        self.decoder = make_output(cfg, cfg.sizes[-1], vocab_size, self.encoder)
+        if not isinstance(self.encoder, AdaptiveInput):  # the classic init; the adaptive layers have their own
+            nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        if isinstance(self.decoder, Softmax):
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+            nn.init.zeros_(self.decoder.bias)
+            if cfg.tied:
+                self.decoder.weight = self.encoder.weight
 
     def init_state(self, batch_size: int, device=None) -> State:
         """Zeros (what ``None`` means to the RNN), as tensors: a compiled step then sees one input type."""
@@ -209,8 +214,9 @@ class RNNModel(LanguageModel):
                 x = self._dropout(x, self.cfg.p("dropouth"))
         return x, tuple(new)
 
-    def forward(self, tokens: torch.Tensor, state: State = None, aux: bool = False):
-        emb = embedding_dropout(self.encoder, tokens, self.cfg.dropoute, self.training)
+    def forward(self, tokens: torch.Tensor, state: State = None, aux: bool = False,
+                targets: Optional[torch.Tensor] = None):
+        emb = embed(self.encoder, tokens, self.cfg.dropoute, self.training)
         emb = self._dropout(emb, self.cfg.p("dropouti"), self.drop_in)  # (T, B, E)
         if CPU_RNN_FP32 and tokens.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
@@ -218,10 +224,9 @@ class RNNModel(LanguageModel):
         else:
             raw, state = self._recurrence(emb, state)  # (T, B, H)
         out = self._dropout(raw, self.cfg.dropout, self.drop)
-        logits = self.decoder(out)  # (T, B, V)
         # The carried state stays fp32 whatever autocast computed it in.
         state = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
-        logp = F.log_softmax(logits.float(), dim=-1)
+        logp = self.decoder.log_prob(out) if targets is None else self.decoder.target_log_prob(out, targets)
         if aux:
             return logp, state, {"hidden": out, "raw_hidden": raw}
         return logp, state
@@ -232,13 +237,14 @@ class RNNModel(LanguageModel):
         for size in cfg.sizes:
             fwd += 2 * GATES[cfg.name] * size * (fan_in + size)
             fan_in = size
-        return fwd + 2 * cfg.sizes[-1] * vocab_size
+        return fwd + output_flops(cfg, cfg.sizes[-1], vocab_size) + input_flops(cfg, vocab_size)
 
     @classmethod
     def compiles_well(cls, cfg: RNNConfig) -> bool:
         # Layer by layer, Inductor unrolls every time step of every layer: measured on a 2-core CPU for a
         # 3-layer 200-600-600-200 LSTM at bptt 70, 490 s to compile and then 0.7x the uncompiled speed.
-        return not getattr(cfg, "layered", False)
+        # The adaptive layers pick each cluster's positions (data-dependent shapes): Inductor recompiles for them.
+        return not getattr(cfg, "layered", False) and not any_adaptive(cfg)
 
     @classmethod
     def classic_args(cls, cfg: RNNConfig) -> List[str]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, UserError
 from . import LanguageModel, register
+from .words import AdaptiveInput, Softmax, any_adaptive, input_flops, make_input, make_output, output_flops
 
 
 @dataclass
@@ -30,9 +31,9 @@ class TransformerConfig(ModelConfig):
     bias: bool = True  # biases in every linear layer and LayerNorm
 
     # Checkpoints written before these keys existed were the classic example's model.
-    LEGACY: ClassVar[Dict[str, Any]] = {"norm_first": False, "activation": "relu", "positions": "sinusoidal",
-                                        "max_len": 512, "init": "classic", "attn_dropout": None,
-                                        "resid_dropout": None, "bias": True}
+    LEGACY: ClassVar[Dict[str, Any]] = {**ModelConfig.LEGACY, "norm_first": False, "activation": "relu",
+                                        "positions": "sinusoidal", "max_len": 512, "init": "classic",
+                                        "attn_dropout": None, "resid_dropout": None, "bias": True}
 
     def p(self, key: str) -> float:
         v = getattr(self, key)
@@ -82,12 +83,13 @@ def sinusoids(length: int, dim: int, device=None) -> torch.Tensor:
 @register("transformer", config=TransformerConfig)
 class TransformerModel(LanguageModel):
     incremental = True  # decode(): one token at a time through the same weights, with a key/value cache
+    scores_targets = True
 
     def __init__(self, cfg: TransformerConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.scale = math.sqrt(cfg.emsize)
-        self.encoder = nn.Embedding(vocab_size, cfg.emsize)
+        self.encoder = make_input(cfg, vocab_size)
         self.drop = nn.Dropout(cfg.p("resid_dropout"))
         layer = nn.TransformerEncoderLayer(cfg.emsize, cfg.nhead, cfg.nhid, cfg.dropout, activation=cfg.activation,
                                            norm_first=cfg.norm_first, bias=cfg.bias)
@@ -98,18 +100,20 @@ class TransformerModel(LanguageModel):
         final = nn.LayerNorm(cfg.emsize, bias=cfg.bias) if cfg.norm_first else None  # pre-norm's last LayerNorm
         self.layers = nn.TransformerEncoder(layer, cfg.nlayers, norm=final, enable_nested_tensor=False)
         self.pos = nn.Embedding(cfg.max_len, cfg.emsize) if cfg.positions == "learned" else None
-        self.decoder = nn.Linear(cfg.emsize, vocab_size, bias=cfg.bias)
+        self.decoder = make_output(cfg, cfg.emsize, vocab_size, self.encoder, bias=cfg.bias)
         self._pe = torch.empty(0)  # cache of sinusoids, not a buffer: not saved in checkpoints
         if cfg.init == "scaled":
             self._scaled_init()
-        else:
-            nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
-            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
-            if self.decoder.bias is not None:
-                nn.init.zeros_(self.decoder.bias)
+        else:  # the adaptive layers keep their own init (wordlm.models.words)
+            if not isinstance(self.encoder, AdaptiveInput):
+                nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+            if isinstance(self.decoder, Softmax):
+                nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+                if self.decoder.bias is not None:
+                    nn.init.zeros_(self.decoder.bias)
             if self.pos is not None:
                 nn.init.uniform_(self.pos.weight, -0.1, 0.1)
-        if cfg.tied:
+        if cfg.tied and isinstance(self.decoder, Softmax):
             self.decoder.weight = self.encoder.weight
 
     def _scaled_init(self) -> None:
@@ -147,14 +151,15 @@ class TransformerModel(LanguageModel):
     def _embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         return self.drop(self.encoder(tokens) * self.scale + self.positions(tokens.size(0), tokens.device, start))
 
-    def forward(self, tokens: torch.Tensor, state=None, aux: bool = False):
+    def forward(self, tokens: torch.Tensor, state=None, aux: bool = False, targets: Optional[torch.Tensor] = None):
         T = tokens.size(0)
         x = self._embed(tokens)  # (T, B, E)
         # is_causal=True lets scaled_dot_product_attention use its causal kernels; the mask is the
         # same constraint spelt out for code paths that need one: position t sees only <= t.
         mask = nn.Transformer.generate_square_subsequent_mask(T, device=tokens.device, dtype=x.dtype)
         h = self.layers(x, mask=mask, is_causal=True)  # (T, B, E)
-        logp = F.log_softmax(self.decoder(h).float(), dim=-1)  # (T, B, V)
+        # (T, B, V), or (T, B): the log-prob of each target
+        logp = self.decoder.log_prob(h) if targets is None else self.decoder.target_log_prob(h, targets)
         if aux:
             return logp, None, {"hidden": h, "raw_hidden": h}
         return logp, None
@@ -181,7 +186,7 @@ class TransformerModel(LanguageModel):
         if self.layers.norm is not None:
             x = self.layers.norm(x)
         cache["len"] = past + tokens.size(0)
-        return F.log_softmax(self.decoder(x).float(), dim=-1)
+        return self.decoder.log_prob(x)
 
     def _attend(self, layer: nn.TransformerEncoderLayer, h: torch.Tensor, cache: Dict[str, Any], i: int):
         """Self-attention of the new positions ``h`` (t, B, E) over the cached ones and themselves (causal)."""
@@ -206,7 +211,12 @@ class TransformerModel(LanguageModel):
     def flops_per_token(cls, cfg: TransformerConfig, vocab_size: int, bptt: int) -> float:
         d, f = cfg.emsize, cfg.nhid
         per_layer = 2 * (4 * d * d + 2 * d * f) + 2 * 2 * d * bptt / 2  # projections, FFN, causal attention
-        return cfg.nlayers * per_layer + 2 * d * vocab_size
+        return cfg.nlayers * per_layer + output_flops(cfg, d, vocab_size) + input_flops(cfg, vocab_size)
+
+    @classmethod
+    def compiles_well(cls, cfg: TransformerConfig) -> bool:
+        # The adaptive layers pick each cluster's positions (data-dependent shapes): Inductor recompiles for them.
+        return not any_adaptive(cfg)
 
     @classmethod
     def classic_args(cls, cfg: TransformerConfig) -> List[str]:

@@ -11,34 +11,34 @@ from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .. import runtime
 from ..config import UserError
 from ..distributed import Dist
-from ..models import detach_state
+from ..models import detach_state, target_log_probs
 
 log = logging.getLogger("wordlm")
 
-# A loss term: (aux outputs of the model, log-probs (T, B, V), targets (T, B)) -> a scalar added to the
-# loss that is minimised. The reported loss stays the NLL. ``aux`` holds ``hidden`` and ``raw_hidden``
+# A loss term: (aux outputs of the model, log-probs of the targets (T, B), targets (T, B)) -> a scalar added to
+# the loss that is minimised. The reported loss stays the NLL. ``aux`` holds ``hidden`` and ``raw_hidden``
 # (see wordlm.models). Terms are plain callables: AR/TAR, a penalty, anything.
 LossTerm = Callable[[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def forward_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, state: Any, device: torch.device,
-                 precision: str, terms: Tuple[LossTerm, ...] = ()):
+                 precision: str, terms: Tuple[LossTerm, ...] = (), scores_targets: bool = False):
     """(NLL, NLL + extra terms, state) of targets ``y`` (T, B) given inputs ``x`` (T, B).
 
     One function, so torch.compile fuses log_softmax, the loss and their backward into a few passes
-    over the (T, B, V) log-probs.
+    over the (T, B, V) log-probs. A model that scores targets itself (``scores_targets``) is asked for the
+    targets' log-probs only: an adaptive softmax then takes its clustered path.
     """
     with runtime.autocast(device, precision):
         if terms:
-            logp, state, aux = net(x, state, aux=True)
+            logp, state, aux = target_log_probs(net, x, state, y, aux=True, scores_targets=scores_targets)
         else:
-            logp, state = net(x, state)
-    nll = F.nll_loss(logp.reshape(-1, logp.size(-1)), y.reshape(-1))
+            logp, state = target_log_probs(net, x, state, y, scores_targets=scores_targets)
+    nll = -logp.float().mean()
     total = nll
     for term in terms:
         total = total + term(aux, logp, y).float()
@@ -68,6 +68,7 @@ class TrainStep:
         self.net, self.model, self.device, self.precision = net, model, device, precision
         self.accum, self.micro, self.clip, self.dist = accum, micro, clip, dist
         self.terms = tuple(loss_terms)
+        self.scores_targets = bool(getattr(model, "scores_targets", False))  # (``net`` may be DDP's wrapper)
         self.full_length = full_length  # only windows of this length go through the compiled step
         self.compiled_fn = torch.compile(forward_loss) if compiled else None
         self._proven = False
@@ -112,7 +113,8 @@ class TrainStep:
             xs, ys = x[:, k * m : (k + 1) * m], y[:, k * m : (k + 1) * m]
             sync = self.net.no_sync() if self.dist.enabled and k < K - 1 else nullcontext()
             with sync:
-                nll, total, state = loss_fn(self.net, xs, ys, states[k], self.device, self.precision, self.terms)
+                nll, total, state = loss_fn(self.net, xs, ys, states[k], self.device, self.precision, self.terms,
+                                            self.scores_targets)
                 if inject_nan:
                     nll, total = nll * float("nan"), total * float("nan")
                 scaled = total / K
