@@ -4,6 +4,17 @@
         --baseline ../shared/bench/seed_baseline.py --repeats 3 \\
         -c "model=lstm" -c "model=transformer"
 
+Time to a perplexity (``--to-ppl``): the classic example trains ``--baseline-epochs`` epochs (its defaults:
+2x200 LSTM, SGD lr 20, batch 20, bptt 35) and each config trains with ``trainer.target_ppl`` until its
+validation perplexity reaches the target, alternately, ``--repeats`` times; one JSON line per config gives the
+seconds to the target (training + evaluation, the clock both programs keep from the first step) beside the
+classic example's, and their ratio:
+
+    python -m wordlm.bench --to-ppl baseline --data ../shared/data/wikitext-2-small \
+        --baseline ../shared/bench/seed_baseline.py -c "experiment=cpu_speedrun"
+
+``--to-ppl baseline`` targets the classic example's best validation perplexity in ``--baseline-epochs`` epochs.
+
 Each ``-c`` is one config, as Hydra overrides. For each, wordlm and (with ``--baseline``)
 the baseline run alternately, each in a fresh subprocess, ``--repeats`` times; the
 medians are printed as one JSON line per config: training tokens/s, ms/step, peak
@@ -133,6 +144,75 @@ def _subprocess_json(cmd: List[str], env: Dict[str, str]) -> Dict[str, Any]:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def _reached(curve: List[Dict[str, Any]], target: float) -> float | None:
+    """Seconds of the first curve point at or below ``target``."""
+    return next((c["seconds"] for c in curve if c["valid_ppl"] <= target), None)
+
+
+def _train_to(overrides: List[str], target: float, minutes: float, env: Dict[str, str]) -> Dict[str, Any]:
+    """One real training run (``python -m wordlm.cli``, a fresh process) until the validation perplexity reaches
+    ``target``, or ``minutes`` pass. Samples are off (the classic example draws none)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "wordlm.cli", *overrides, f"trainer.target_ppl={target}",
+               f"trainer.max_minutes={minutes}", "trainer.sample_words=0", "trainer.progress=false",
+               f"hydra.run.dir={tmp}"]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        process_s = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise SystemExit(f"wordlm.bench: {shlex.join(cmd)} failed:\n{p.stderr[-2000:]}")
+        m = json.loads((Path(tmp) / "metrics.json").read_text())
+    return {"seconds": m["seconds_to_target"], "curve": m["curve"], "process_seconds": round(process_s, 1),
+            "tokens_per_sec": m["train_tokens_per_sec"], "compile": m["compile"], "precision": m["precision"],
+            "test_ppl": m["test_ppl"], "params": m["params"]}
+
+
+def to_ppl(a: argparse.Namespace, env: Dict[str, str]) -> None:
+    """Seconds until the validation perplexity reaches a target, beside the classic example."""
+    if not a.baseline:
+        raise SystemExit("wordlm.bench: --to-ppl needs --baseline (the classic example to run beside wordlm)")
+    data = ["data=custom", f"data.dir={a.data}"] if a.data else []
+    args = baseline_args(data, 0, 0)
+    for flag in ("--steps", "--warmup"):  # (the timed-steps mode's)
+        i = args.index(flag)
+        del args[i:i + 2]
+    classic = [sys.executable, a.baseline, *args, "--epochs", str(a.baseline_epochs)]
+    configs = [(c or "(defaults)", [*data, *shlex.split(c)]) for c in (a.config or [""])]
+    target = None if a.to_ppl == "baseline" else float(a.to_ppl)
+    base: List[Dict[str, Any]] = []
+    ours: Dict[str, List[Dict[str, Any]]] = {name: [] for name, _ in configs}
+    for _ in range(a.repeats):  # alternate, so drifting machine load hits both alike
+        b = _subprocess_json(classic, env)
+        base.append(b)
+        if target is None:
+            target = min(c["valid_ppl"] for c in b["curve"])  # the classic example's best in --baseline-epochs
+            print(json.dumps({"target_ppl": target, "from": f"the classic example's best in {a.baseline_epochs} "
+                              f"epochs", "baseline_seconds": b["curve"][-1]["seconds"]}), flush=True)
+        limit = a.limit_minutes or 2 * b["curve"][-1]["seconds"] / 60
+        for name, overrides in configs:
+            ours[name].append(_train_to(overrides, target, limit, env))
+    base_s = [_reached(b["curve"], target) for b in base]
+    base_ok = [s for s in base_s if s is not None]
+    for name, runs in ours.items():
+        secs = [r["seconds"] for r in runs]
+        ok = [s for s in secs if s is not None]
+        row: Dict[str, Any] = {
+            "config": name, "target_ppl": target, "repeats": a.repeats,
+            "seconds_to_target": round(statistics.median(ok), 2) if len(ok) == len(secs) else None,
+            "runs_seconds": secs, "runs_process_seconds": [r["process_seconds"] for r in runs],
+            "tokens_per_sec": round(statistics.median(r["tokens_per_sec"] for r in runs), 1),
+            "precision": runs[0]["precision"], "compile": runs[0]["compile"], "params": runs[0]["params"],
+            "baseline_seconds_to_target": round(statistics.median(base_ok), 2) if base_ok else None,
+            "runs_baseline_seconds": base_s, "threads": torch.get_num_threads(),
+            "curve": runs[0]["curve"], "baseline_curve": base[0]["curve"],
+        }
+        if row["seconds_to_target"] and row["baseline_seconds_to_target"]:
+            row["time_ratio"] = round(row["seconds_to_target"] / row["baseline_seconds_to_target"], 3)
+        print(json.dumps(row), flush=True)
+
+
 def main(argv: List[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Benchmark wordlm training beside the classic example's loop.")
     ap.add_argument("-c", "--config", action="append", default=None,
@@ -142,8 +222,22 @@ def main(argv: List[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--to-ppl", metavar="PPL|baseline",
+                    help="time to this validation perplexity instead of tokens/s; 'baseline': the classic example's "
+                         "best in --baseline-epochs epochs")
+    ap.add_argument("--baseline-epochs", type=int, default=6, help="--to-ppl: epochs of the classic example")
+    ap.add_argument("--limit-minutes", type=float, default=None,
+                    help="--to-ppl: give up on a config after this long (default: twice the classic example's run)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # worker mode: JSON list of overrides
     a = ap.parse_args(argv)
+    if a.to_ppl is not None:
+        if a.to_ppl != "baseline":
+            try:
+                float(a.to_ppl)
+            except ValueError:
+                ap.error(f"--to-ppl {a.to_ppl!r}: give a perplexity (e.g. --to-ppl 250) or 'baseline'")
+        to_ppl(a, {**os.environ})
+        return
 
     if a.one is not None:
         print(json.dumps(measure_one(json.loads(a.one), a.steps, a.warmup)))

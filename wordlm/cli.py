@@ -357,3 +357,7 @@ def _broadcast_str(s: str) -> str:
 
 
 train_main = entry("config", _train)
+
+
+if __name__ == "__main__":
+    train_main()

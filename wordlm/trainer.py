@@ -128,6 +128,7 @@ class Trainer:
         self.eval_seconds = 0.0  # of which: validation, test, samples
         self.checkpoint_seconds = 0.0  # of which: checkpoint writes
         self.stop_reason: Optional[str] = None
+        self.curve: List[Dict[str, float]] = []  # every validation: step, epochs, valid ppl, seconds of fit()
         self._t_start, self._seconds_before = time.perf_counter(), 0.0
         self._last_phase_s = 0.0  # seconds of the last evaluation or checkpoint write (for its log line)
         self._peak_flops: Optional[float] = None  # measured matmul FLOP/s (MFU's denominator), at the first log
@@ -203,6 +204,10 @@ class Trainer:
         self.validated_at = self.step
         self._log_validation(val, improved)
         self._tick()
+        self._record_validation(val)
+        target = self.cfg.trainer.target_ppl
+        if target is not None and ppl(val) <= target and self.stop_reason is None:
+            self.stop_reason = "target"
         if improved:
             self.save_checkpoint("best", self.best_weights)
         self.save_checkpoint("last")
@@ -220,6 +225,8 @@ class Trainer:
         first = self.best_val is None
         val, improved = self._validate(update_best=first)
         self._log_validation(val, improved)
+        self._tick()
+        self._record_validation(val)
         if improved:
             self.save_checkpoint("best", self.best_weights)
         self._log_sample()
@@ -234,6 +241,18 @@ class Trainer:
                 self.best_val = val
                 self.best_weights = self.weights_on_cpu()
         return val, improved
+
+    def _record_validation(self, val: float) -> None:
+        self.curve.append({"step": self.step, "epochs": round(self.epochs_done, 4), "valid_ppl": round(ppl(val), 3),
+                           "seconds": round(self.seconds, 2)})
+
+    @property
+    def seconds_to_target(self) -> Optional[float]:
+        """Seconds of fit() (training, evaluation and checkpoints) until the first validation at or below
+        ``trainer.target_ppl``; None without a target or before it is reached."""
+        target = self.cfg.trainer.target_ppl
+        hit = [c["seconds"] for c in self.curve if target is not None and c["valid_ppl"] <= target]
+        return hit[0] if hit else None
 
     def _test(self) -> float:
         which = "the best validated weights" if self.best_weights is not None else "the final weights"
@@ -345,7 +364,7 @@ class Trainer:
         st = {
             "step": self.step, "epoch": self.epoch, "pos": self.pos, "best_val": self.best_val,
             "validated_at": self.validated_at, "bad_total": self.bad_total, "seconds": self.seconds,
-            "tokens_seen": self.tokens_seen, "eval_seconds": self.eval_seconds,
+            "tokens_seen": self.tokens_seen, "eval_seconds": self.eval_seconds, "curve": self.curve,
             "checkpoint_seconds": self.checkpoint_seconds, "world": self.dist.world,
             "columns": tc.batch_size * tc.grad_accum, "bptt": tc.bptt,
             "state": self._global_state(),
@@ -393,6 +412,7 @@ class Trainer:
         self.tokens_seen = int(st.get("tokens_seen", self.step * columns * tc.bptt))
         self.eval_seconds = float(st.get("eval_seconds", 0.0))
         self.checkpoint_seconds = float(st.get("checkpoint_seconds", 0.0))
+        self.curve = list(st.get("curve", []))
         if st["state"] is not None:
             block = self.micro * tc.grad_accum  # this rank's consecutive columns
             mine = map_state(st["state"], lambda t: t[..., self.dist.rank * block:(self.dist.rank + 1) * block, :])
@@ -544,6 +564,8 @@ class Trainer:
             "max_steps": f"trainer.max_steps={tc.max_steps} reached",
             "max_minutes": f"the trainer.max_minutes={tc.max_minutes:g} budget is spent "
                            f"({self._elapsed() / 60:.1f} min)" if tc.max_minutes else "the time budget is spent",
+            "target": f"the validation perplexity reached trainer.target_ppl={tc.target_ppl:g} "
+                      f"({self._elapsed():.1f} s)" if tc.target_ppl else "the target is reached",
             "nonmono": f"finetuning ended: the valid loss failed the non-monotone test (optim.nonmono="
                        f"{self.cfg.optim.nonmono})",
         }.get(why or "", str(why))
@@ -566,7 +588,8 @@ class Trainer:
             "params": self.params, "vocab_size": len(self.corpus.vocab),
             "seconds": round(self.seconds, 3), "train_seconds": round(max(0.0, train_s), 3),
             "eval_seconds": round(self.eval_seconds, 3), "checkpoint_seconds": round(self.checkpoint_seconds, 3),
-            "bad_steps": self.bad_total, "world_size": self.dist.world,
+            "target_ppl": self.cfg.trainer.target_ppl, "seconds_to_target": self.seconds_to_target,
+            "curve": self.curve, "bad_steps": self.bad_total, "world_size": self.dist.world,
             "device": str(self.device), "precision": self.precision, "compile": self.step_fn.compiled,
             "config": self.settings(), **self.provenance(),
         }
