@@ -66,8 +66,12 @@ def test_training_scores_a_cluster_only_for_the_positions_whose_target_is_in_it(
     dec = model.decoder
     assert dec.head_words.grad.abs().sum() > 0 and dec.out[0].grad.abs().sum() > 0 and dec.out[1].grad.abs().sum() > 0
     rows.clear()
-    model(torch.zeros(3, 3, dtype=torch.long), None, targets=torch.full((3, 3), 4))
-    assert rows == []  # every target in the head: no cluster is computed at all
+    logp, _ = model(torch.zeros(3, 3, dtype=torch.long), None, targets=torch.full((3, 3), 4))
+    assert rows == [(0, 0), (1, 0)]  # every target in the head: the clusters run on no rows at all
+    model.zero_grad()
+    (-logp.mean()).backward()  # and their parameters still get a (zero) gradient: DDP needs every one each step
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.decoder.out[1].grad.abs().sum() == 0
 
 
 def test_tied_adaptive_layers_share_their_matrices(one_thread):
@@ -121,3 +125,28 @@ def test_a_run_with_adaptive_layers_trains_evaluates_and_generates(tmp_path):
     out = run_cli("generate.py", [f"checkpoint={ckpt}", "words=20", f"outf={tmp_path / 'g.txt'}"], check=True)
     words = (tmp_path / "g.txt").read_text().split()  # 20 words; each <eos> is written as a line break
     assert words and all(w == "<unk>" or (w[0] == "w" and 0 <= int(w[1:]) < 60) for w in words), out.stderr
+
+
+@pytest.mark.parametrize("preset,params_m", [("wt103_adaptive_input_base", 247), ("wt103_transformer_xl_base", 151)])
+def test_the_wikitext103_presets_compose_to_the_published_sizes(preset, params_m):
+    """At WikiText-103's vocabulary (267,735 words and <eos>), built on the meta device (no memory)."""
+    from wordlm.bench import compose
+    from wordlm.models import count_params
+
+    cfg = compose([f"experiment={preset}"])
+    assert cfg.data.name == "wikitext103" and cfg.model.softmax == "adaptive" and cfg.model.adaptive_input
+    with torch.device("meta"):
+        model = build_model(cfg.model, 267_736)
+    # Transformer-XL's own count includes its relative-position parameters, which wordlm's transformer lacks.
+    assert count_params(model) / 1e6 == pytest.approx(params_m, rel=0.02)
+    assert model.decoder.head_words is model.encoder.embeddings[0].weight  # tied
+
+
+def test_the_cpu_speedrun_preset_is_the_classic_model_with_tied_adaptive_layers():
+    from wordlm.bench import compose
+
+    cfg = compose(["experiment=cpu_speedrun"])
+    m = cfg.model
+    assert (m.name, m.emsize, m.nhid, m.nlayers, m.dropout) == ("lstm", 200, 200, 2, 0.2)
+    assert (m.softmax, m.adaptive_input, m.tied, m.cutoffs) == ("adaptive", True, True, [2000, 6000])
+    assert (cfg.optim.name, cfg.optim.lr, cfg.trainer.batch_size, cfg.trainer.bptt) == ("sgd", 20.0, 20, 35)

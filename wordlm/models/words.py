@@ -105,14 +105,14 @@ class AdaptiveInput(nn.Module):
                 vec = proj(F.embedding((flat - lo).clamp(0, hi - lo - 1), w))
                 out = out + vec * inside.unsqueeze(-1).to(vec.dtype)
             return out.reshape(*tokens.shape, self.dim)
-        out = None
+        parts = []
         for (lo, hi), w, proj in zip(self._ranges(), weights, self.projections, strict=True):
+            # A band no token falls in still runs (on zero rows): every parameter is then in the graph, as DDP
+            # requires of each step (it would otherwise wait forever for the band's gradients).
             idx = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
-            vec = proj(F.embedding(flat.index_select(0, idx) - lo, w))
-            if out is None:
-                out = vec.new_zeros(flat.size(0), self.dim)
+            parts.append((idx, proj(F.embedding(flat.index_select(0, idx) - lo, w))))
+        out = parts[0][1].new_zeros(flat.size(0), self.dim)
+        for idx, vec in parts:
             out = out.index_copy(0, idx, vec.to(out.dtype))
         return out.reshape(*tokens.shape, self.dim)
 
@@ -184,9 +184,8 @@ class AdaptiveSoftmax(nn.Module):
         col = torch.where(cluster == 0, flat_t, self.shortlist + cluster - 1)
         out = head.gather(1, col.unsqueeze(1)).squeeze(1)
         for i in range(self.n_clusters):
+            # A cluster no target falls in still runs, on zero rows: its parameters stay in the graph (DDP).
             idx = (cluster == i + 1).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
             tail = self._tail(flat_h.index_select(0, idx), i)
             word = flat_t.index_select(0, idx) - self.edges[i + 1]
             out = out.index_add(0, idx, tail.gather(1, word.unsqueeze(1)).squeeze(1))
