@@ -50,3 +50,32 @@ def test_bench_to_ppl_times_both_programs_to_the_target(tmp_path, corpus_dir):
     bad = subprocess.run([sys.executable, "-m", "wordlm.bench", "--to-ppl", "low", "--baseline", str(BASELINE)],
                          capture_output=True, text=True, cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "--to-ppl 'low': give a perplexity" in bad.stderr
+
+
+def test_synthetic_corpus_is_zipfian_deterministic_and_never_overwrites(tmp_path):
+    from collections import Counter
+
+    from wordlm.synthetic import make
+
+    a = make(tmp_path / "a", 60_000, 25_000, 5_000, topics=20, alpha=1.0, seed=3)
+    make(tmp_path / "b", 60_000, 25_000, 5_000, topics=20, alpha=1.0, seed=3)
+    assert (tmp_path / "a" / "train.txt").read_bytes() == (tmp_path / "b" / "train.txt").read_bytes()
+    words = (tmp_path / "a" / "train.txt").read_text().split()
+    lines = (tmp_path / "a" / "train.txt").read_text().count("\n")
+    assert a["tokens"]["train"] == len(words) + lines and abs(a["tokens"]["train"] - 60_000) < 40
+    counts = Counter(words)
+    assert counts.most_common(1)[0][0] in {"w0", "w1"} and counts["w0"] > 20 * counts.get("w999", 1)
+    assert len(counts) > 5_000  # a long tail
+    with pytest.raises(SystemExit, match="exists: pick an empty folder"):
+        make(tmp_path / "a", 1000, 25_000, 100, topics=2, alpha=1.0, seed=0)
+    assert (tmp_path / "a" / "train.txt").read_bytes() == (tmp_path / "b" / "train.txt").read_bytes()
+
+
+def test_profile_says_where_the_step_time_goes(corpus_dir, one_thread):
+    from wordlm.bench import profile_one
+
+    out = profile_one(["data=custom", f"data.dir={corpus_dir}", *TINY], steps=3, warmup=1, top=8)
+    ops = [t["op"] for t in out["top"]]
+    assert len(ops) == 8 and out["ms_per_step"] > 0 and out["device"] == "cpu"
+    assert 0 < sum(t["share"] for t in out["top"]) <= 1.0001
+    assert any("mm" in op or "rnn" in op for op in ops), ops  # the recurrence and matmuls are where it goes

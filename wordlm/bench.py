@@ -15,6 +15,9 @@ classic example's, and their ratio:
 
 ``--to-ppl baseline`` targets the classic example's best validation perplexity in ``--baseline-epochs`` epochs.
 
+Tokenising (``--tokenize DIR``): seconds and peak resident memory of tokenising a corpus in a fresh process,
+then of loading it from the cache that run wrote (``python -m wordlm.synthetic`` makes a WikiText-103-sized one).
+
 Each ``-c`` is one config, as Hydra overrides. For each, wordlm and (with ``--baseline``)
 the baseline run alternately, each in a fresh subprocess, ``--repeats`` times; the
 medians are printed as one JSON line per config: training tokens/s, ms/step, peak
@@ -57,6 +60,41 @@ def compose(overrides: List[str]):
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return to_config(hcompose(config_name="config", overrides=overrides))
+
+
+def profile_one(overrides: List[str], steps: int, warmup: int, top: int = 15) -> Dict[str, Any]:
+    """Where ``steps`` training steps of the real Trainer spend their time: torch.profiler's operators by self time
+    (CPU time on a CPU; on a GPU, CUDA time as well)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from .data import get_window
+    from .data.datasets import load_corpus
+    from .trainer import Trainer
+
+    cfg = compose([*overrides, "trainer.progress=false", "trainer.sample_words=0"])
+    corpus = load_corpus(cfg.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Trainer(cfg, corpus, Path(tmp))
+    bptt, n = cfg.trainer.bptt, t.steps_per_epoch
+
+    def run(k0: int, count: int) -> None:
+        for k in range(k0, k0 + count):
+            t.train_step(*get_window(t.train_data, (k % n) * bptt, bptt))
+
+    run(0, warmup)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if t.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run(warmup, steps)
+        _sync(t.device)
+    key = "self_cuda_time_total" if t.device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return {"config": overrides, "steps": steps, "ms_per_step": total / 1000 / steps, "device": str(t.device),
+            "precision": t.precision, "compile": t.step_fn.compiled,
+            "top": [{"op": e.key, "share": round(getattr(e, key) / total, 4), "calls_per_step": e.count / steps}
+                    for e in events[:top]]}
 
 
 def measure_one(overrides: List[str], steps: int, warmup: int) -> Dict[str, Any]:
@@ -213,6 +251,34 @@ def to_ppl(a: argparse.Namespace, env: Dict[str, str]) -> None:
         print(json.dumps(row), flush=True)
 
 
+def tokenize_one(folder: str, cache_dir: str) -> Dict[str, Any]:
+    """Worker: load ``folder`` as ``data=custom`` through the tokenisation cache in ``cache_dir``; seconds and the
+    process's peak resident memory (``ru_maxrss``: everything this process ever held, the interpreter and torch
+    included)."""
+    import resource
+
+    from .config import DataConfig
+    from .data.datasets import load_corpus
+
+    t0 = time.perf_counter()
+    corpus = load_corpus(DataConfig(name="custom", dir=folder, cache_dir=cache_dir))
+    seconds = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024, 1), "vocab": len(corpus.vocab),
+            "tokens": {s: int(corpus.split(s).numel()) for s in ("train", "valid", "test")}}
+
+
+def tokenize_bench(folder: str, env: Dict[str, str]) -> None:
+    """Tokenise ``folder`` twice in fresh processes: first through an empty cache (tokenise + write the cache),
+    then again (load the cache)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for phase in ("tokenise", "cached"):
+            r = _subprocess_json([sys.executable, "-m", "wordlm.bench", "--tokenize-one", folder, cache_dir], env)
+            print(json.dumps({"phase": phase, "folder": folder, **r}), flush=True)
+
+
 def main(argv: List[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Benchmark wordlm training beside the classic example's loop.")
     ap.add_argument("-c", "--config", action="append", default=None,
@@ -228,8 +294,25 @@ def main(argv: List[str] | None = None) -> None:
     ap.add_argument("--baseline-epochs", type=int, default=6, help="--to-ppl: epochs of the classic example")
     ap.add_argument("--limit-minutes", type=float, default=None,
                     help="--to-ppl: give up on a config after this long (default: twice the classic example's run)")
+    ap.add_argument("--profile", action="store_true",
+                    help="where the time of --steps training steps goes (torch.profiler, operators by self time), "
+                         "one JSON line per config")
+    ap.add_argument("--tokenize", metavar="DIR",
+                    help="peak memory and seconds of tokenising DIR/{train,valid,test}.txt, then of loading its cache")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # worker mode: JSON list of overrides
+    ap.add_argument("--tokenize-one", nargs=2, help=argparse.SUPPRESS)  # worker mode: folder, cache dir
     a = ap.parse_args(argv)
+    if a.tokenize_one:
+        print(json.dumps(tokenize_one(*a.tokenize_one)))
+        return
+    if a.tokenize:
+        tokenize_bench(a.tokenize, {**os.environ})
+        return
+    if a.profile:
+        for cfg_str in a.config or [""]:
+            data = ["data=custom", f"data.dir={a.data}"] if a.data else []
+            print(json.dumps(profile_one([*data, *shlex.split(cfg_str)], a.steps, a.warmup)), flush=True)
+        return
     if a.to_ppl is not None:
         if a.to_ppl != "baseline":
             try:
