@@ -98,6 +98,7 @@ class OptimConfig:
     lr: float = 20.0  # (peak) learning rate
     weight_decay: float = 0.0
     momentum: float = 0.0  # sgd only
+    nesterov: bool = False  # sgd only: Nesterov momentum (needs momentum > 0)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
     eps: float = 1e-8  # adamw only
     schedule: str = "plateau"  # plateau (lr / anneal when valid loss does not improve) | cosine | constant
@@ -271,6 +272,8 @@ def validate(cfg: Config) -> None:
            f"optim.betas={o.betas} must be two numbers in [0, 1)")
     _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     _check(o.momentum >= 0, f"optim.momentum={o.momentum} must be >= 0")
+    _check(not o.nesterov or (o.name == "sgd" and o.momentum > 0),
+           f"optim.nesterov=true needs optim=sgd with optim.momentum > 0 (got optim={o.name}, momentum {o.momentum})")
     _check(o.eps > 0, f"optim.eps={o.eps} must be > 0")
     _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     _check(o.nonmono >= 1, f"optim.nonmono={o.nonmono} must be >= 1")

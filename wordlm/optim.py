@@ -19,7 +19,7 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter], devi
     else:
         kw["foreach"] = True
     if cfg.name == "sgd":
-        opt = torch.optim.SGD(params, momentum=cfg.momentum, **kw)
+        opt = torch.optim.SGD(params, momentum=cfg.momentum, nesterov=cfg.nesterov, **kw)
         if cfg.momentum:
             # Zero buffers up front equal torch's first-step initialisation (buf = grad, dampening 0), and stay
             # valid when that first step is skipped on a found_inf flag (fused kernels would leave the buffers

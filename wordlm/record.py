@@ -84,6 +84,7 @@ def acts(key: str, flat: Dict[str, Any]) -> bool:
     o = lambda k: flat.get(f"optim.{k}")  # noqa: E731
     rules = {
         "optim.momentum": o("name") == "sgd",
+        "optim.nesterov": o("name") == "sgd",
         "optim.betas": o("name") == "adamw",
         "optim.eps": o("name") == "adamw",
         "optim.anneal": o("schedule") == "plateau",
