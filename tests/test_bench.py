@@ -13,6 +13,60 @@ from conftest import ROOT, TINY, run_cli, train_args
 
 BASELINE = ROOT.parent / "shared" / "bench" / "seed_baseline.py"
 
+# Where the checkout has no ../shared beside it, the bench runs against this classic loop instead: the same
+# command-line interface and JSON ``curve``, a real (small) training program in a subprocess.
+CLASSIC_LOOP = """
+import argparse, json, math, time
+import torch, torch.nn as nn, torch.nn.functional as F
+ap = argparse.ArgumentParser()
+for k in ("--data", "--model"): ap.add_argument(k)
+for k in ("--emsize", "--nhid", "--nlayers", "--batch-size", "--bptt", "--epochs", "--seed"):
+    ap.add_argument(k, type=int)
+for k in ("--dropout", "--lr", "--clip"): ap.add_argument(k, type=float)
+ap.add_argument("--tied", action="store_true")
+a = ap.parse_args()
+torch.manual_seed(a.seed)
+words, splits = {}, {}
+for s in ("train", "valid", "test"):
+    ids = [words.setdefault(w, len(words)) for line in open(f"{a.data}/{s}.txt") for w in line.split() + ["<eos>"]]
+    splits[s] = torch.tensor(ids)
+cols = lambda t, b: t[: t.numel() // b * b].view(b, -1).t().contiguous()
+V, train, valid = len(words), cols(splits["train"], a.batch_size), cols(splits["valid"], 10)
+emb, rnn, dec = nn.Embedding(V, a.emsize), nn.LSTM(a.emsize, a.nhid, a.nlayers), nn.Linear(a.nhid, V)
+params = [*emb.parameters(), *rnn.parameters(), *dec.parameters()]
+def nll(data, train_mode):
+    total, h = 0.0, None
+    for i in range(0, data.size(0) - 1, a.bptt):
+        x, y = data[i:i + a.bptt], data[i + 1:i + 1 + a.bptt]
+        x = x[: y.size(0)]
+        out, h = rnn(emb(x), h)
+        h = tuple(t.detach() for t in h)
+        loss = F.cross_entropy(dec(out).view(-1, V), y.reshape(-1))
+        if train_mode:
+            for p in params: p.grad = None
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, a.clip)
+            with torch.no_grad():
+                for p in params: p.add_(p.grad, alpha=-a.lr)
+        total += loss.item() * y.numel()
+    return total / (data.size(0) - 1) / data.size(1)
+t0, curve = time.perf_counter(), []
+for e in range(a.epochs):
+    nll(train, True)
+    with torch.no_grad():
+        v = nll(valid, False)
+    curve.append({"epoch": e + 1, "valid_ppl": round(math.exp(v), 3), "seconds": round(time.perf_counter() - t0, 2)})
+print(json.dumps({"curve": curve}))
+"""
+
+
+def classic_example(tmp_path):
+    if BASELINE.exists():
+        return BASELINE
+    path = tmp_path / "classic_loop.py"
+    path.write_text(CLASSIC_LOOP)
+    return path
+
 
 def test_target_ppl_stops_at_the_first_validation_that_reaches_it(tmp_path, corpus_dir):
     run = tmp_path / "run"
@@ -33,11 +87,11 @@ def test_target_ppl_stops_at_the_first_validation_that_reaches_it(tmp_path, corp
 
 @pytest.mark.slow
 def test_bench_to_ppl_times_both_programs_to_the_target(tmp_path, corpus_dir):
-    assert BASELINE.exists(), f"the classic example is missing: {BASELINE}"
+    baseline = classic_example(tmp_path)
     tiny = " ".join(t for t in TINY if not t.startswith("trainer.epochs"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-m", "wordlm.bench", "--to-ppl", "1000", "--data", str(corpus_dir),
-                        "--baseline", str(BASELINE), "--baseline-epochs", "2", "--repeats", "1", "--limit-minutes",
+                        "--baseline", str(baseline), "--baseline-epochs", "2", "--repeats", "1", "--limit-minutes",
                         "2", "-c", f"{tiny} trainer.epochs=3 trainer.eval_every=10"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -47,7 +101,7 @@ def test_bench_to_ppl_times_both_programs_to_the_target(tmp_path, corpus_dir):
     assert row["time_ratio"] == pytest.approx(row["seconds_to_target"] / row["baseline_seconds_to_target"], rel=0.01)
     assert len(row["baseline_curve"]) == 2 and row["runs_process_seconds"][0] >= row["seconds_to_target"]
 
-    bad = subprocess.run([sys.executable, "-m", "wordlm.bench", "--to-ppl", "low", "--baseline", str(BASELINE)],
+    bad = subprocess.run([sys.executable, "-m", "wordlm.bench", "--to-ppl", "low", "--baseline", str(baseline)],
                          capture_output=True, text=True, cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "--to-ppl 'low': give a perplexity" in bad.stderr
 
