@@ -133,3 +133,26 @@ def test_profile_says_where_the_step_time_goes(corpus_dir, one_thread):
     assert len(ops) == 8 and out["ms_per_step"] > 0 and out["device"] == "cpu"
     assert 0 < sum(t["share"] for t in out["top"]) <= 1.0001
     assert any("mm" in op or "rnn" in op for op in ops), ops  # the recurrence and matmuls are where it goes
+
+
+def test_generate_bench_times_every_config_in_its_own_process(tmp_path, corpus_dir):
+    env = {**os.environ, "WORDLM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "wordlm.bench", "--generate", "40", "--repeats", "2", "--data", str(corpus_dir),
+           "-c", "model=lstm model.emsize=16 model.nhid=16 trainer.threads=1",
+           "-c", "model=transformer model.emsize=16 model.nhid=16 trainer.threads=1 trainer.bptt=12"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [r["model"] for r in rows] == ["lstm", "transformer"]
+    for r in rows:
+        assert len(r["runs_words_per_sec"]) == 2 and r["words_per_sec"] > 0 and r["threads"] == 1
+        assert sorted(r["runs_words_per_sec"])[0] <= r["words_per_sec"] <= sorted(r["runs_words_per_sec"])[1]
+    assert rows[1]["context"] == 12 and rows[0]["vocab"] == rows[1]["vocab"] > 10
+
+    prof = subprocess.run([*cmd[:5], "--profile", *cmd[7:11]], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+    assert prof.returncode == 0, prof.stderr[-2000:]
+    row = json.loads(prof.stdout.splitlines()[-1])
+    assert row["us_per_word"] > 0 and any("mm" in t["op"] or "lstm" in t["op"] for t in row["top"]), row["top"]
+    bad = subprocess.run([*cmd[:4], "0"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert bad.returncode == 2 and "--generate 0: give the number of words" in bad.stderr

@@ -15,6 +15,11 @@ classic example's, and their ratio:
 
 ``--to-ppl baseline`` targets the classic example's best validation perplexity in ``--baseline-epochs`` epochs.
 
+Generation (``--generate WORDS``): words/s of sampling one stream from each config's model at its sizes over the
+corpus's vocabulary, configs alternating in fresh processes; with ``--profile``, where a word's time goes:
+
+    python -m wordlm.bench --generate 1000 --data ../shared/data/wikitext-2-small -c "model=lstm" -c "model=gru"
+
 Tokenising (``--tokenize DIR``): seconds and peak resident memory of tokenising a corpus in a fresh process,
 then of loading it from the cache that run wrote (``python -m wordlm.synthetic`` makes a WikiText-103-sized one).
 
@@ -165,6 +170,73 @@ def measure_one(overrides: List[str], steps: int, warmup: int) -> Dict[str, Any]
     }
 
 
+def generate_one(overrides: List[str], words: int, profile: bool = False, top: int = 12) -> Dict[str, Any]:
+    """Worker: words/s of sampling ``words`` words (one stream, temperature 1, after 20 warm-up words) from the
+    config's model, built at its sizes over the corpus's vocabulary (speed does not depend on the weights). With
+    ``profile``: torch.profiler's operators by self time, per word."""
+    from .data.datasets import load_corpus
+    from .models import build_model
+    from .runtime import resolve_device, seed_all, setup
+    from .sampling import generate
+
+    cfg = compose(overrides)
+    corpus = load_corpus(cfg.data)
+    dev = resolve_device(cfg.trainer.device)
+    setup(cfg.trainer, dev)
+    seed_all(cfg.trainer.seed)
+    model = build_model(cfg.model, len(corpus.vocab)).to(dev).eval()
+    eos, ctx = corpus.vocab.eos, cfg.trainer.bptt
+    gen = torch.Generator(device=dev.type).manual_seed(0)
+
+    def run(n: int) -> None:
+        generate(model, [eos], n, dev, start=eos, context=ctx, generator=gen)
+        _sync(dev)
+
+    run(20)
+    out: Dict[str, Any] = {"model": cfg.model.name, "vocab": len(corpus.vocab), "context": ctx,
+                           "params": sum(p.numel() for p in model.parameters()), "device": str(dev),
+                           "threads": torch.get_num_threads()}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprofile
+
+        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+            run(words)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) or 1.0
+        out.update({"us_per_word": round(total / words, 1),
+                    "top": [{"op": e.key, "share": round(e.self_cpu_time_total / total, 4),
+                             "calls_per_word": round(e.count / words, 2)} for e in events[:top]]})
+        return out
+    t0 = time.perf_counter()
+    run(words)
+    out["words_per_sec"] = words / (time.perf_counter() - t0)
+    return out
+
+
+def generate_bench(a: argparse.Namespace, env: Dict[str, str]) -> None:
+    """Generation words/s of each config, in fresh processes, configs alternating, ``--repeats`` times; medians."""
+    data = ["data=custom", f"data.dir={a.data}"] if a.data else []
+    configs = [(c or "(defaults)", [*data, *shlex.split(c)]) for c in (a.config or [""])]
+    runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name, _ in configs}
+    worker = [sys.executable, "-m", "wordlm.bench", "--generate-one", "--generate", str(a.generate)]
+    if a.profile:
+        for name, overrides in configs:
+            r = _subprocess_json([*worker, "--profile", "--one", json.dumps(overrides)], env)
+            print(json.dumps({"config": name, **r}), flush=True)
+        return
+    for _ in range(a.repeats):  # alternate, so drifting machine load hits every config alike
+        for name, overrides in configs:
+            runs[name].append(_subprocess_json([*worker, "--one", json.dumps(overrides)], env))
+    for name, rs in runs.items():
+        wps = [r["words_per_sec"] for r in rs]
+        print(json.dumps({"config": name, "words": a.generate, "repeats": a.repeats,
+                          "words_per_sec": round(statistics.median(wps), 1),
+                          "runs_words_per_sec": [round(w, 1) for w in wps],
+                          **{k: rs[0][k] for k in ("model", "vocab", "context", "params", "device", "threads")}}),
+              flush=True)
+
+
 def baseline_args(overrides: List[str], steps: int, warmup: int) -> List[str]:
     cfg = compose(overrides)
     from .data.datasets import corpus_dir
@@ -299,7 +371,11 @@ def main(argv: List[str] | None = None) -> None:
                          "one JSON line per config")
     ap.add_argument("--tokenize", metavar="DIR",
                     help="peak memory and seconds of tokenising DIR/{train,valid,test}.txt, then of loading its cache")
+    ap.add_argument("--generate", type=int, metavar="WORDS", default=None,
+                    help="generation words/s instead of training: sample WORDS words (one stream) from each config's "
+                         "model; with --profile, where the time of a word goes")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # worker mode: JSON list of overrides
+    ap.add_argument("--generate-one", action="store_true", help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--tokenize-one", nargs=2, help=argparse.SUPPRESS)  # worker mode: folder, cache dir
     a = ap.parse_args(argv)
     if a.tokenize_one:
@@ -307,6 +383,14 @@ def main(argv: List[str] | None = None) -> None:
         return
     if a.tokenize:
         tokenize_bench(a.tokenize, {**os.environ})
+        return
+    if a.generate_one:
+        print(json.dumps(generate_one(json.loads(a.one), a.generate, a.profile)))
+        return
+    if a.generate is not None:
+        if a.generate < 1:
+            ap.error(f"--generate {a.generate}: give the number of words to sample, e.g. --generate 1000")
+        generate_bench(a, {**os.environ})
         return
     if a.profile:
         for cfg_str in a.config or [""]:

@@ -29,7 +29,9 @@ def filter_logits(logp: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     logp = logp.float()
     # Shift so the best word sits at 0: a tiny temperature then gives 0 and -inf (greedy), never NaN. The
     # division is done in float64, where a temperature like 1e-300 is not 0 (in float32 it would be: 0/0).
-    logits = ((logp - logp.max()).double() / temperature).float()
+    shifted = logp - logp.max()
+    # At temperature 1 the float64 round trip is exact, so it is skipped (the same bits, two passes fewer).
+    logits = shifted if temperature == 1.0 else (shifted.double() / temperature).float()
     V = logits.numel()
     if top_k and top_k < V:
         kth = torch.topk(logits, top_k).values[-1]

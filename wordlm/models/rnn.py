@@ -49,6 +49,12 @@ State = Optional[object]
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 CLASSIC_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU"}
 KERNELS = {"lstm": torch.lstm, "gru": torch.gru, "rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu}
+CELLS = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn_tanh": torch.rnn_tanh_cell,
+         "rnn_relu": torch.rnn_relu_cell}
+# Generation feeds one word at a time. On a CPU, oneDNN's fused RNN kernel (what torch.lstm calls there) costs about
+# 0.5 ms a layer to set up for one time step, 5x the plain cell kernels'; so windows of at most CELL_STEPS steps
+# outside training run the cells, step by step (the same arithmetic: no dropout outside training).
+CELL_STEPS = 4
 # oneDNN's bf16 RNN kernels need AVX512-BF16/AMX: elsewhere a bf16 recurrence is an error, so under bf16 autocast
 # the recurrence runs in fp32 there (the embedding and the decoder, most of the work, stay bf16).
 CPU_RNN_FP32 = not cpu_has_fast_bf16()
@@ -201,7 +207,45 @@ class RNNModel(LanguageModel):
             return locked_dropout(x, p, self.training)
         return module(x) if module is not None else F.dropout(x, p, self.training)
 
+    def _layer_weights(self) -> List[List[torch.Tensor]]:
+        """Per layer [weight_ih, weight_hh, bias_ih, bias_hh], whichever path holds them."""
+        if self.layered:
+            return [[m.weight_ih, m.weight_hh, m.bias_ih, m.bias_hh] for m in self.layers]
+        return [[getattr(self.rnn, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                for k in range(self.cfg.nlayers)]
+
+    def _cell_steps(self, emb: torch.Tensor, state: State):
+        """The recurrence of a short window outside training, one cell call per layer and step (see CELL_STEPS);
+        takes and returns the state in the same layout as :meth:`_recurrence`."""
+        lstm, B = self.cfg.name == "lstm", emb.size(1)
+        per = 2 if lstm else 1
+        sizes = self.cfg.sizes
+        if state is None:
+            layers = [tuple(emb.new_zeros(B, h) for _ in range(per)) for h in sizes]
+        elif self.layered:  # a flat tuple of (1, B, H) tensors, per layer h (and c)
+            flat = [s[0] for s in state]
+            layers = [tuple(flat[per * i: per * i + per]) for i in range(len(sizes))]
+        else:  # (nlayers, B, H), or (h, c) of them
+            layers = [tuple(s[i] for s in state) if lstm else (state[i],) for i in range(self.cfg.nlayers)]
+        cell, weights = CELLS[self.cfg.name], self._layer_weights()
+        outs = []
+        for x in emb.unbind(0):  # (B, E)
+            for i, w in enumerate(weights):
+                st = cell(x, layers[i] if lstm else layers[i][0], *w)
+                layers[i] = st if lstm else (st,)
+                x = layers[i][0]
+            outs.append(x)
+        out = torch.stack(outs)  # (T, B, H)
+        if self.layered:
+            return out, tuple(s.unsqueeze(0) for layer in layers for s in layer)
+        stacked = tuple(torch.stack([layer[j] for layer in layers]) for j in range(per))
+        return out, stacked if lstm else stacked[0]
+
     def _recurrence(self, emb: torch.Tensor, state: State):
+        if (not self.training and emb.size(0) <= CELL_STEPS and emb.device.type == "cpu"
+                and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+            return self._cell_steps(emb, state)
         if not self.layered:
             return self.rnn(emb, state)
         per = 2 if self.cfg.name == "lstm" else 1

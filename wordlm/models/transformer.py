@@ -12,7 +12,17 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, UserError
 from . import LanguageModel, register
-from .words import AdaptiveInput, Softmax, any_adaptive, input_flops, make_input, make_output, output_flops
+from .words import (
+    AdaptiveInput,
+    Softmax,
+    any_adaptive,
+    embed,
+    input_flops,
+    linear,
+    make_input,
+    make_output,
+    output_flops,
+)
 
 
 @dataclass
@@ -29,11 +39,13 @@ class TransformerConfig(ModelConfig):
     resid_dropout: Optional[float] = None  # dropout on the embeddings and on each sublayer's output before its
     #                                        residual add; null = model.dropout
     bias: bool = True  # biases in every linear layer and LayerNorm
+    dropoute: float = 0.0  # embedding (word) dropout: probability of dropping a whole word's embedding row
 
     # Checkpoints written before these keys existed were the classic example's model.
     LEGACY: ClassVar[Dict[str, Any]] = {**ModelConfig.LEGACY, "norm_first": False, "activation": "relu",
                                         "positions": "sinusoidal", "max_len": 512, "init": "classic",
-                                        "attn_dropout": None, "resid_dropout": None, "bias": True}
+                                        "attn_dropout": None, "resid_dropout": None, "bias": True,
+                                        "dropoute": 0.0}
 
     def p(self, key: str) -> float:
         v = getattr(self, key)
@@ -63,6 +75,8 @@ class TransformerConfig(ModelConfig):
             v = getattr(self, k)
             if v is not None and not 0.0 <= v < 1.0:
                 raise UserError(f"model.{k}={v} must be in [0, 1) or null")
+        if not 0.0 <= self.dropoute < 1.0:
+            raise UserError(f"model.dropoute={self.dropoute} must be in [0, 1)")
 
     @property
     def longest(self) -> Optional[int]:
@@ -149,7 +163,8 @@ class TransformerModel(LanguageModel):
         return None  # attention has no carried state
 
     def _embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        return self.drop(self.encoder(tokens) * self.scale + self.positions(tokens.size(0), tokens.device, start))
+        emb = embed(self.encoder, tokens, self.cfg.dropoute, self.training)  # (T, B, E)
+        return self.drop(emb * self.scale + self.positions(tokens.size(0), tokens.device, start))
 
     def forward(self, tokens: torch.Tensor, state=None, aux: bool = False, targets: Optional[torch.Tensor] = None):
         T = tokens.size(0)
@@ -179,21 +194,27 @@ class TransformerModel(LanguageModel):
         for i, layer in enumerate(self.layers.layers):
             if layer.norm_first:
                 x = x + self._attend(layer, layer.norm1(x), cache, i)
-                x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+                x = x + self._feed_forward(layer, layer.norm2(x))
             else:
                 x = layer.norm1(x + self._attend(layer, x, cache, i))
-                x = layer.norm2(x + layer.linear2(layer.activation(layer.linear1(x))))
+                x = layer.norm2(x + self._feed_forward(layer, x))
         if self.layers.norm is not None:
             x = self.layers.norm(x)
         cache["len"] = past + tokens.size(0)
         return self.decoder.log_prob(x)
+
+    @staticmethod
+    def _feed_forward(layer: nn.TransformerEncoderLayer, h: torch.Tensor) -> torch.Tensor:
+        # wordlm.models.words.linear: a generation-sized input multiplies cached transposes (faster on a CPU)
+        z = layer.activation(linear(layer, h, layer.linear1.weight, layer.linear1.bias, key="linear1"))
+        return linear(layer, z, layer.linear2.weight, layer.linear2.bias, key="linear2")
 
     def _attend(self, layer: nn.TransformerEncoderLayer, h: torch.Tensor, cache: Dict[str, Any], i: int):
         """Self-attention of the new positions ``h`` (t, B, E) over the cached ones and themselves (causal)."""
         mha = layer.self_attn
         t, B, E = h.shape
         H = mha.num_heads
-        q, k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = linear(layer, h, mha.in_proj_weight, mha.in_proj_bias, key="in_proj").chunk(3, dim=-1)
         q, k, v = (a.reshape(t, B, H, E // H).permute(1, 2, 0, 3) for a in (q, k, v))  # (B, H, t, d)
         if cache["k"][i] is not None:
             k = torch.cat([cache["k"][i], k], dim=2)
@@ -205,7 +226,8 @@ class TransformerModel(LanguageModel):
         else:
             seen = torch.arange(k.size(2), device=h.device) <= past + torch.arange(t, device=h.device).unsqueeze(1)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
-        return mha.out_proj(o.permute(2, 0, 1, 3).reshape(t, B, E))
+        return linear(layer, o.permute(2, 0, 1, 3).reshape(t, B, E), mha.out_proj.weight, mha.out_proj.bias,
+                      key="out_proj")
 
     @classmethod
     def flops_per_token(cls, cfg: TransformerConfig, vocab_size: int, bptt: int) -> float:
