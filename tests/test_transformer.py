@@ -121,7 +121,8 @@ def test_a_checkpoint_from_before_the_options_loads_and_samples_identically(tmp_
     model = tiny()
     cfg = Config(model=model.cfg)
     saved = to_dict(cfg)
-    for key in ("norm_first", "activation", "positions", "max_len", "init", "attn_dropout", "resid_dropout", "bias"):
+    for key in ("norm_first", "activation", "positions", "max_len", "init", "attn_dropout", "resid_dropout", "bias",
+                "dropoute"):
         del saved["model"][key]  # what a checkpoint written before these keys holds
     vocab = Vocab(["<unk>", "<eos>"] + [f"w{i}" for i in range(V - 2)])
     path = tmp_path / "old.pt"
@@ -221,3 +222,22 @@ def test_the_transformer_small_preset_composes_to_what_it_says():
     assert cfg.trainer.bptt > 35 and cfg.trainer.max_minutes == 20
     assert (cfg.optim.name, cfg.optim.schedule) == ("adamw", "cosine") and cfg.optim.warmup_steps > 0
     assert 5e6 < count_params(build_model(m, 13777)) < 7e6  # on wikitext-2-small's vocabulary
+
+
+def test_embedding_dropout_drops_whole_words_in_training_only():
+    model = tiny(dropoute=0.5, dropout=0.0)
+    tokens = torch.tensor([[3, 3, 5, 5, 3, 7, 7, 7]]).t()  # (T, 1): repeated words
+    model.train()
+    torch.manual_seed(0)
+    emb = model._embed(tokens) - model.positions(tokens.size(0), "cpu")  # (T, 1, E): the words' vectors alone
+    dropped = emb.abs().sum(-1).squeeze(1) == 0
+    for w in (3, 5, 7):  # a word is dropped everywhere it occurs, or nowhere
+        assert len(set(dropped[tokens[:, 0] == w].tolist())) == 1
+    assert dropped.any() and not dropped.all()
+    kept = ~dropped
+    torch.testing.assert_close(emb[kept], 2 * model.encoder(tokens)[kept] * model.scale)  # the rest / (1 - p)
+    model.eval()
+    torch.testing.assert_close(model._embed(tokens), model.encoder(tokens) * model.scale
+                               + model.positions(tokens.size(0), "cpu"))
+    with pytest.raises(UserError, match=r"model.dropoute=1.0 must be in \[0, 1\)"):
+        model_config("transformer", dropoute=1.0).validate()
