@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -90,6 +91,20 @@ def test_warmup_is_linear_then_cosine_ends_at_min_lr():
     assert s.lr_at(100) == pytest.approx(1e-4) and s.lr_at(1000) == pytest.approx(1e-4)
     c = _schedule(name="adamw", lr=1e-3, schedule="constant", warmup_steps=4)
     assert [c.lr_at(i) for i in (0, 3, 4, 99)] == pytest.approx([2.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_cosine_over_time_ends_with_the_budget_or_the_steps_whichever_comes_first():
+    s = _schedule(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1, schedule_over="time")
+    assert s.lr_at(55) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # no time spent: as over steps
+    s.time_frac = 0.5
+    assert s.lr_at(5) == pytest.approx(6e-4)  # warmup stays by steps
+    assert s.lr_at(10) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half the budget spent: half way
+    assert s.lr_at(91) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9))))  # steps lead
+    s.time_frac = 1.7
+    assert s.lr_at(20) == pytest.approx(1e-4)
+    steps = _schedule(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    steps.time_frac = 0.5
+    assert steps.lr_at(10) == pytest.approx(1e-3)  # schedule_over=steps ignores the clock
 
 
 def test_plateau_divides_only_when_not_improved_and_round_trips():
@@ -287,6 +302,20 @@ def test_eval_every_validates_mid_epoch_and_max_minutes_stops_cleanly(corpus, tm
     assert m["stop_reason"] == "max_minutes" and 0 < m["steps"] < 1000 * 29
     assert math.isfinite(m["test_ppl"]) and (run / "checkpoints" / "best.pt").is_file()
     assert "stopped by max_minutes" in p.stdout
+
+    # The cosine schedule over the budget: a run of 1000 epochs cut by the clock still anneals to its end.
+    run = tmp_path / "budget-cosine"
+    p = run_cli("train.py", train_args(corpus, run, "optim=adamw", "optim.schedule_over=time", "optim.warmup_steps=2",
+                                       "optim.min_lr_ratio=0.1", "trainer.max_minutes=0.05", "trainer.epochs=1000",
+                                       "trainer.sample_words=0", "trainer.log_interval=1"), check=True)
+    m = _metrics(run)
+    lrs = [float(x) for x in re.findall(r"\| lr ([0-9.e+-]+) \|", (run / "train.log").read_text())]
+    assert m["stop_reason"] == "max_minutes" and len(lrs) == m["steps"] > 20
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05) and max(lrs) > 5e-4  # peak, then the end of the cosine
+    assert all(b <= a * 1.000001 for a, b in zip(lrs[5:], lrs[6:], strict=False))  # falling after the warmup
+    bad = run_cli("train.py", train_args(corpus, tmp_path / "bad", "optim=adamw", "optim.schedule_over=time"))
+    assert bad.returncode != 0 and "optim.schedule_over=time decays the cosine schedule over the time budget: it " \
+                                   "needs optim.schedule=cosine and trainer.max_minutes" in bad.stderr
 
 
 def test_init_from_starts_a_new_run_from_weights_only(corpus, tmp_path):

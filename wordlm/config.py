@@ -105,6 +105,9 @@ class OptimConfig:
     anneal: float = 4.0  # plateau: divide lr by this
     warmup_steps: int = 0  # cosine/constant: linear warmup steps
     min_lr_ratio: float = 0.0  # cosine: final lr = lr * min_lr_ratio
+    # cosine: decay over the run's optimizer steps (epochs x steps per epoch, or max_steps) | time: over
+    # trainer.max_minutes too, whichever ends first (a time-budgeted recipe then anneals fully on any machine)
+    schedule_over: str = "steps"
     fused: Optional[bool] = None  # fused optimizer kernels; null = on for CUDA
     ntasgd: bool = False  # NT-ASGD: average the weights from the first validation that fails the nonmono test on
     nonmono: int = 5  # NT-ASGD: the test is "valid loss > the best of all checks but the last nonmono"
@@ -276,6 +279,10 @@ def validate(cfg: Config) -> None:
            f"optim.nesterov=true needs optim=sgd with optim.momentum > 0 (got optim={o.name}, momentum {o.momentum})")
     _check(o.eps > 0, f"optim.eps={o.eps} must be > 0")
     _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _check(o.schedule_over in ("steps", "time"), f"optim.schedule_over='{o.schedule_over}': use steps|time")
+    _check(o.schedule_over != "time" or (o.schedule == "cosine" and bool(t.max_minutes)),
+           f"optim.schedule_over=time decays the cosine schedule over the time budget: it needs optim.schedule=cosine "
+           f"and trainer.max_minutes (got schedule={o.schedule}, max_minutes={t.max_minutes})")
     _check(o.nonmono >= 1, f"optim.nonmono={o.nonmono} must be >= 1")
     _check(not o.finetune or bool(t.init_from or t.resume),
            "optim.finetune=true finetunes a trained model: add trainer.init_from=<first run>/checkpoints/best.pt")

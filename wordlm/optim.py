@@ -35,7 +35,8 @@ class Schedule:
 
     plateau: the classic example's rule, lr / anneal after an epoch whose validation loss
     is not better than the best so far. cosine: linear warmup, then cosine down to
-    lr * min_lr_ratio at ``total_steps``.
+    lr * min_lr_ratio at ``total_steps`` (``schedule_over=time``: at ``total_steps`` or at the end of the time
+    budget, whichever comes first; :attr:`time_frac` is the share of the budget spent, which the trainer sets).
     """
 
     def __init__(self, cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -43,6 +44,7 @@ class Schedule:
         self.opt = optimizer
         self.total = max(1, total_steps)
         self.plateau_lr = cfg.lr
+        self.time_frac = 0.0
         self.set(0)
 
     def lr_at(self, step: int) -> float:
@@ -55,6 +57,8 @@ class Schedule:
             return c.lr
         span = max(1, self.total - c.warmup_steps)
         t = min(1.0, (step - c.warmup_steps) / span)
+        if c.schedule_over == "time":
+            t = min(1.0, max(t, self.time_frac))
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
     def set(self, step: int, scale: float = 1.0) -> float:

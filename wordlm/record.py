@@ -90,6 +90,7 @@ def acts(key: str, flat: Dict[str, Any]) -> bool:
         "optim.anneal": o("schedule") == "plateau",
         "optim.warmup_steps": o("schedule") in ("cosine", "constant"),
         "optim.min_lr_ratio": o("schedule") == "cosine",
+        "optim.schedule_over": o("schedule") == "cosine",
         "optim.nonmono": bool(o("ntasgd") or o("finetune")),
         "trainer.debug_nan_steps": flat.get("trainer.debug_nan_at_step") is not None,
         "data.dir": flat.get("data.name") == "custom" or flat.get("data.dir") is not None,

@@ -138,6 +138,8 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         tc = self.cfg.trainer
         self._t_start, self._seconds_before = time.perf_counter(), self.seconds
+        if tc.max_minutes:  # (a resumed run: the budget already spent, the same on every rank)
+            self.schedule.time_frac = self._seconds_before / (60 * tc.max_minutes)
         self._log_start()
         for cb in self.callbacks:
             cb.on_fit_start(self)
@@ -268,16 +270,20 @@ class Trainer:
         """Checkpoints on a step count, a timer or a signal; the wall-clock budget. Ranks agree first."""
         tc = self.cfg.trainer
         timed, stop = self.ckpt.timed(), self.ckpt.stop_signal is not None
-        budget = bool(tc.max_minutes) and self._elapsed() >= 60 * tc.max_minutes
+        spent = self._elapsed() / (60 * tc.max_minutes) if tc.max_minutes else 0.0  # share of the time budget
+        budget = spent >= 1.0
         if self.dist.enabled:
             # Clocks and signals differ between ranks, and saving is collective: ranks agree on them
             # every DIST_SYNC_EVERY steps (one tiny all-reduce), not every step (a host sync each).
             if self.step % DIST_SYNC_EVERY:
                 timed = stop = budget = False
+                spent = self.schedule.time_frac  # (the lr follows the budget only as the ranks agree on it)
             else:
-                flags = self.dist.all_max(torch.tensor([float(timed), float(stop), float(budget)],
-                                                       device=self.device))
-                timed, stop, budget = (bool(f) for f in flags)
+                flags = self.dist.all_max(torch.tensor([float(timed), float(stop), float(budget), spent],
+                                                       device=self.device, dtype=torch.float64))
+                timed, stop, budget = (bool(f) for f in flags[:3])
+                spent = float(flags[3])
+        self.schedule.time_frac = spent
         if (self.ckpt.due(self.step) or timed or stop) and self.validated_at != self.step:
             self.throughput.pause()
             self.meter.pause()
