@@ -135,6 +135,7 @@ def test_profile_says_where_the_step_time_goes(corpus_dir, one_thread):
     assert any("mm" in op or "rnn" in op for op in ops), ops  # the recurrence and matmuls are where it goes
 
 
+@pytest.mark.slow
 def test_generate_bench_times_every_config_in_its_own_process(tmp_path, corpus_dir):
     env = {**os.environ, "WORDLM_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "wordlm.bench", "--generate", "40", "--repeats", "2", "--data", str(corpus_dir),

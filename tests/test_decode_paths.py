@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wordlm.models import build_model, model_config
+from wordlm.models import build_model, model_config, words
 from wordlm.models.rnn import CELL_STEPS
 from wordlm.models.words import FEW_ROWS, few_rows
 
@@ -29,9 +29,15 @@ def states(s):
     return list(s) if isinstance(s, tuple) else [s]
 
 
+@pytest.fixture
+def transpose_all(monkeypatch):
+    """The tests' tiny weights are below the size that takes the cached transpose: let every weight take it."""
+    monkeypatch.setattr(words, "TRANSPOSE_MIN", 1)
+
+
 @pytest.mark.parametrize("name", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("opts", RNN_VARIANTS.values(), ids=RNN_VARIANTS.keys())
-def test_rnn_word_at_a_time_equals_one_forward(name, opts):
+def test_rnn_word_at_a_time_equals_one_forward(name, opts, transpose_all):
     torch.manual_seed(0)
     values = {"emsize": 24, "nhid": 32, "dropout": 0.3, **opts}
     model = build_model(model_config(name, **values), V).eval()
@@ -64,7 +70,7 @@ def test_training_and_autograd_never_take_the_fast_paths():
             assert not few_rows(torch.zeros(1, 16))
 
 
-def test_the_cached_transpose_follows_every_change_of_the_weights():
+def test_the_cached_transpose_follows_every_change_of_the_weights(transpose_all):
     torch.manual_seed(0)
     model = build_model(model_config("transformer", emsize=16, nhid=24, nhead=2, tied=True), V).eval()
     x = torch.randint(0, V, (1, 1))
@@ -78,6 +84,7 @@ def test_the_cached_transpose_follows_every_change_of_the_weights():
             return model(x.repeat(1, FEW_ROWS + 1))[0][:, :1]  # too many rows for the fast path
 
     before = one_word()
+    assert "weight" in model.decoder.__dict__["_transposed"]  # (the fast path ran)
     torch.testing.assert_close(before, reference(), atol=1e-6, rtol=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)  # an in-place update of the (tied) decoder weight
     model.train()

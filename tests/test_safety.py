@@ -299,7 +299,11 @@ def test_bf16_rnns_train_and_evaluate_on_any_cpu(corpus, tmp_path):
 def test_ctrl_c_during_imports_is_one_line(corpus, tmp_path):
     p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(corpus, tmp_path / "r")], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # python is up (well under a second), torch/hydra are still importing (2-3 s)
+    # Wait until torch's library is mapped (the entry point is importing it, inside its Ctrl-C handler), not a fixed
+    # second: on a loaded machine the interpreter itself can take longer than that to start.
+    maps, deadline = Path(f"/proc/{p.pid}/maps"), time.monotonic() + 60
+    while time.monotonic() < deadline and p.poll() is None and "libtorch" not in maps.read_text(errors="replace"):
+        time.sleep(0.01)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, err

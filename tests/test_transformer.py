@@ -34,8 +34,13 @@ def tiny(seed: int = 0, **kw) -> torch.nn.Module:
     return build_model(model_config("transformer", **values), V).eval()
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "cached-transposes"])
 @pytest.mark.parametrize("opts", OPTIONS.values(), ids=OPTIONS.keys())
-def test_incremental_decoding_equals_the_full_causal_forward(opts):
+def test_incremental_decoding_equals_the_full_causal_forward(opts, transposed, monkeypatch):
+    from wordlm.models import words
+
+    if transposed:  # every weight through the cached transposes generation uses for large ones
+        monkeypatch.setattr(words, "TRANSPOSE_MIN", 1)
     model = tiny(**opts)
     seq = torch.randint(0, V, (40, 3), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -221,7 +226,9 @@ def test_the_transformer_small_preset_composes_to_what_it_says():
     assert (m.name, m.norm_first, m.activation, m.init, m.tied) == ("transformer", True, "gelu", "scaled", True)
     assert cfg.trainer.bptt > 35 and cfg.trainer.max_minutes == 20
     assert (cfg.optim.name, cfg.optim.schedule) == ("adamw", "cosine") and cfg.optim.warmup_steps > 0
-    assert 5e6 < count_params(build_model(m, 13777)) < 7e6  # on wikitext-2-small's vocabulary
+    assert cfg.optim.schedule_over == "time" and validate(cfg) is None  # the cosine ends with the 20 minutes
+    assert (m.softmax, m.adaptive_input, list(m.cutoffs)) == ("adaptive", True, [2000, 6000])
+    assert 3e6 < count_params(build_model(m, 13777)) < 4e6  # on wikitext-2-small's vocabulary (tied bands)
 
 
 def test_embedding_dropout_drops_whole_words_in_training_only():

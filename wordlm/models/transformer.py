@@ -205,7 +205,7 @@ class TransformerModel(LanguageModel):
 
     @staticmethod
     def _feed_forward(layer: nn.TransformerEncoderLayer, h: torch.Tensor) -> torch.Tensor:
-        # wordlm.models.words.linear: a generation-sized input multiplies cached transposes (faster on a CPU)
+        # wordlm.models.words.linear: a generation-sized input multiplies a large weight's cached transpose
         z = layer.activation(linear(layer, h, layer.linear1.weight, layer.linear1.bias, key="linear1"))
         return linear(layer, z, layer.linear2.weight, layer.linear2.bias, key="linear2")
 
@@ -221,8 +221,12 @@ class TransformerModel(LanguageModel):
             v = torch.cat([cache["v"][i], v], dim=2)
         cache["k"][i], cache["v"][i] = k, v
         past = k.size(2) - t
-        if t == 1:
-            o = F.scaled_dot_product_attention(q, k, v)  # one new position sees everything cached
+        if t == 1 and not h.is_cuda:
+            # One new position sees everything cached: three small products, not the fused CPU kernel, which
+            # costs more to set up than it saves at one query.
+            o = torch.softmax(q @ k.transpose(-2, -1) * (q.size(-1) ** -0.5), dim=-1) @ v  # (B, H, 1, d)
+        elif t == 1:
+            o = F.scaled_dot_product_attention(q, k, v)
         else:
             seen = torch.arange(k.size(2), device=h.device) <= past + torch.arange(t, device=h.device).unsqueeze(1)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)

@@ -60,11 +60,12 @@ def any_adaptive(cfg: ModelConfig) -> bool:
 
 
 # Generation feeds one word at a time: a (1, H) row times a (V, H) weight. On a CPU that product reads the whole
-# matrix for one row, and oneDNN/MKL read it row-major ``(V, H)`` far slower than its transpose ``(H, V)``
+# matrix for one row, and oneDNN/MKL read a large row-major ``(V, H)`` one far slower than its transpose ``(H, V)``
 # (measured on 2 cores, V = 33,278, H = 200: 2.2 ms against 0.8 ms a word). So a call with at most FEW_ROWS rows,
-# without autograd or autocast, multiplies by a cached contiguous transpose, rebuilt whenever the weight changes.
+# without autograd or autocast, multiplies a large weight by a cached contiguous transpose, rebuilt whenever the
+# weight changes. Small matrices (a 200-wide transformer layer's) gain nothing from it: they keep F.linear.
 FEW_ROWS = 8
-TRANSPOSE_MAX = 1 << 26  # elements (256 MB in fp32): a larger weight is not copied for this
+TRANSPOSE_MIN, TRANSPOSE_MAX = 1 << 20, 1 << 26  # elements: from 4 MB to 256 MB of fp32 weights
 
 
 def few_rows(h: torch.Tensor) -> bool:
@@ -79,15 +80,16 @@ def linear(owner: nn.Module, h: torch.Tensor, weight: torch.Tensor, bias: Option
     """``F.linear(h, weight, bias)``; for :func:`few_rows` inputs through a transpose of ``weight`` cached on
     ``owner`` (not a buffer: never saved). The cache is keyed by the weight's storage and version counter, which
     every in-place update (an optimizer step, ``load_state_dict``) bumps, so it never serves stale weights."""
-    if not few_rows(h) or weight.numel() > TRANSPOSE_MAX:
+    if not few_rows(h) or not TRANSPOSE_MIN <= weight.numel() <= TRANSPOSE_MAX:
         return F.linear(h, weight, bias)
     cache = owner.__dict__.setdefault("_transposed", {})
     stamp = (weight.data_ptr(), weight._version, tuple(weight.shape))
     hit = cache.get(key)
     if hit is None or hit[0] != stamp:
         hit = cache[key] = (stamp, weight.detach().t().contiguous())  # (in, out)
-    flat = h.reshape(-1, h.size(-1))
-    out = flat @ hit[1] if bias is None else torch.addmm(bias, flat, hit[1])
+    out = h.reshape(-1, h.size(-1)) @ hit[1]  # (rows, out); mm then add: addmm takes a slower route for one row
+    if bias is not None:
+        out += bias
     return out.reshape(*h.shape[:-1], weight.size(0))
 
 
