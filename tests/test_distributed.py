@@ -176,4 +176,6 @@ def test_adaptive_layers_on_two_ranks_match_one_process(corpus, tmp_path):
     a, b = tb_losses(one), tb_losses(two)
     assert sorted(a) == sorted(b) and len(a) >= 4
     for step, loss in a.items():
-        assert abs(b[step] - loss) <= 1e-5, (step, b[step], loss)
+        # Relative: fp32 sums reduced in another order (two ranks' all-reduce) drift by a few ulps a step; on an
+        # AVX-512 CPU 1.2e-5 at loss 3.6 by step 18 (before and after the change that made this relative).
+        assert abs(b[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, b[step], loss)
