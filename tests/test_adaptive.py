@@ -10,11 +10,11 @@ import sys
 
 import pytest
 import torch
+from wordlm.evaluation.scoring import nll
 
-from wordlm import adaptive
+from wordlm.evaluation import stream as adaptive
 from wordlm.config import CacheConfig, DynamicConfig
 from wordlm.models import build_model, model_config
-from wordlm.scoring import nll
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 V = 17

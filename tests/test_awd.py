@@ -1,7 +1,7 @@
 """The AWD-LSTM recipe, each part against a hand computation on a tiny model, then together with exact resume.
 
 Weight drop, locked and embedding dropout (wordlm/models/rnn.py); AR/TAR, NT-ASGD and variable-length
-BPTT (wordlm/training/recipe.py); the presets (wordlm/conf/experiment/awd_lstm_*.yaml).
+BPTT (wordlm/training/recipe.py); the presets (conf/experiment/awd_lstm_*.yaml).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import run_cli, train_args
+from wordlm.evaluation.scoring import nll
 
 from wordlm import checkpoint
 from wordlm.config import Config, LossConfig, OptimConfig, TrainerConfig, UserError, validate
 from wordlm.data import read_corpus
 from wordlm.models import build_model, model_config
 from wordlm.models.rnn import RNNLayer, embedding_dropout, locked_dropout
-from wordlm.scoring import nll
 from wordlm.trainer import Trainer
 from wordlm.training import Callback
 from wordlm.training.recipe import NTASGD, ActivationPenalty, VariableWindowLength, nonmono_fired

@@ -14,7 +14,7 @@ from conftest import ROOT, write_corpus
 from test_generate import ONE_THREAD, one_thread, trained_run  # noqa: F401 (one_thread: autouse fixture)
 
 from wordlm.config import DataConfig, EvaluateConfig, UserError
-from wordlm.evaluate import run as evaluate_run
+from wordlm.evaluation.command import run as evaluate_run
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_errors(ckpt, override, needle):
 
 
 def test_data_keys_without_a_data_set_are_one_line(ckpt, tmp_path, monkeypatch, capsys):
-    from wordlm.evaluate import main
+    from wordlm.evaluation.command import main
 
     monkeypatch.setattr(sys, "argv", ["wordlm-evaluate", f"checkpoint={ckpt}", f"data.dir={tmp_path}"])
     with pytest.raises(SystemExit) as e:

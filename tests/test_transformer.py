@@ -180,7 +180,7 @@ class PositionProbe(torch.nn.Module):
 
 @pytest.mark.parametrize("context", [0, 1, 3, 7])
 def test_evaluation_with_context_scores_each_token_once_with_its_history(monkeypatch, context):
-    from wordlm import scoring
+    from wordlm.evaluation import scoring
 
     bptt, T = 8, 101
     data = torch.arange(T).unsqueeze(1).repeat(1, 2)  # (T, B): each token is its position
@@ -202,7 +202,7 @@ def test_evaluation_with_context_scores_each_token_once_with_its_history(monkeyp
 
 
 def test_evaluation_with_no_context_is_the_plain_evaluation_and_rnns_ignore_it():
-    from wordlm.scoring import eval_context, nll
+    from wordlm.evaluation.scoring import eval_context, nll
 
     model = tiny(norm_first=True)
     data = torch.randint(0, V, (90, 3), generator=torch.Generator().manual_seed(6))

@@ -46,8 +46,16 @@ from typing import Any, Dict, List
 
 import torch
 
-from .models import model_class, train_flops_per_token
-from .runtime import matmul_peak, peak_memory_mb
+from .cli import CONF_DIR
+from .compose import register_configs, to_config
+from .config import DataConfig
+from .data import get_window
+from .data.datasets import corpus_dir, load_corpus
+from .evaluation.scoring import nll
+from .models import build_model, model_class, train_flops_per_token
+from .runtime import matmul_peak, peak_memory_mb, resolve_device, seed_all, setup
+from .sampling import generate
+from .trainer import Trainer
 
 
 def _sync(device: torch.device) -> None:
@@ -59,8 +67,6 @@ def compose(overrides: List[str]):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
 
-    from .cli import CONF_DIR
-    from .config import register_configs, to_config
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -74,9 +80,6 @@ def profile_one(overrides: List[str], steps: int, warmup: int, top: int = 15) ->
 
     from torch.profiler import ProfilerActivity, profile
 
-    from .data import get_window
-    from .data.datasets import load_corpus
-    from .trainer import Trainer
 
     cfg = compose([*overrides, "trainer.progress=false", "trainer.sample_words=0"])
     corpus = load_corpus(cfg.data)
@@ -106,10 +109,6 @@ def measure_one(overrides: List[str], steps: int, warmup: int) -> Dict[str, Any]
     """Time ``steps`` training steps (after ``warmup``) of the real Trainer, plus eval and sampling."""
     import tempfile
 
-    from .data import get_window
-    from .data.datasets import load_corpus
-    from .sampling import generate
-    from .trainer import Trainer
 
     cfg = compose([*overrides, "trainer.progress=false", "trainer.sample_words=0"])
     corpus = load_corpus(cfg.data)
@@ -139,7 +138,6 @@ def measure_one(overrides: List[str], steps: int, warmup: int) -> Dict[str, Any]
 
     # Evaluation: the first windows of the validation split.
     data = t.eval_data["valid"][: 40 * bptt + 1]
-    from .scoring import nll
 
     nll(t.model, data[: 2 * bptt + 1], bptt, dev, t.eval_precision)
     _sync(dev)
@@ -174,10 +172,6 @@ def generate_one(overrides: List[str], words: int, profile: bool = False, top: i
     """Worker: words/s of sampling ``words`` words (one stream, temperature 1, after 20 warm-up words) from the
     config's model, built at its sizes over the corpus's vocabulary (speed does not depend on the weights). With
     ``profile``: torch.profiler's operators by self time, per word."""
-    from .data.datasets import load_corpus
-    from .models import build_model
-    from .runtime import resolve_device, seed_all, setup
-    from .sampling import generate
 
     cfg = compose(overrides)
     corpus = load_corpus(cfg.data)
@@ -239,7 +233,6 @@ def generate_bench(a: argparse.Namespace, env: Dict[str, str]) -> None:
 
 def baseline_args(overrides: List[str], steps: int, warmup: int) -> List[str]:
     cfg = compose(overrides)
-    from .data.datasets import corpus_dir
 
     m, tc = cfg.model, cfg.trainer
     return ["--data", str(corpus_dir(cfg.data)), *model_class(m.name).classic_args(m), "--lr", str(cfg.optim.lr),
@@ -329,8 +322,6 @@ def tokenize_one(folder: str, cache_dir: str) -> Dict[str, Any]:
     included)."""
     import resource
 
-    from .config import DataConfig
-    from .data.datasets import load_corpus
 
     t0 = time.perf_counter()
     corpus = load_corpus(DataConfig(name="custom", dir=folder, cache_dir=cache_dir))

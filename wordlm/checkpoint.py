@@ -17,8 +17,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .config import Config, UserError, from_dict, to_dict
+from .compose import from_dict
+from .config import Config, UserError, to_dict
 from .data.vocab import Vocab
+from .models import build_model, config_from_dict
 
 FORMAT = "wordlm-checkpoint"
 VERSION = 2  # 2: trainer state by part (position in tokens, meter, step, schedule, callbacks); 1 is upgraded
@@ -154,9 +156,19 @@ class Loaded:
     raw: Dict[str, Any]
 
 
-def load_model(path: os.PathLike, device: Any = "cpu") -> Loaded:
-    from .models import build_model, config_from_dict
+def need_checkpoint(path: str | None, command: str) -> Path:
+    if not path:
+        raise UserError(f"checkpoint=PATH is required, e.g. python {command} "
+                        f"checkpoint=outputs/<run>/checkpoints/best.pt")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = [c for c in (p / "best.pt", p / "checkpoints" / "best.pt") if c.is_file()]
+        hint = f"e.g. checkpoint={found[0]}" if found else "e.g. checkpoint=<run>/checkpoints/best.pt"
+        raise UserError(f"checkpoint={path} is a folder, not a checkpoint file: pass the .pt file itself, {hint}")
+    return p
 
+
+def load_model(path: os.PathLike, device: Any = "cpu") -> Loaded:
     ck = load(path, map_location=device)
     cfg = from_dict(ck["config"])
     cfg.model = config_from_dict(ck["config"].get("model"), strict=True, where=str(path))

@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-from .config import UserError
+from .config import UserError, conf_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
 
 log = logging.getLogger("wordlm")
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package
+CONF_DIR = str(conf_dir())  # conf/ of the checkout, or wordlm/conf inside an installed wheel
 
 
 class Exit(Exception):
@@ -166,7 +166,7 @@ def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], A
         try:
             import hydra
 
-            from .config import register_configs
+            from .compose import register_configs
 
             sys.argv[1:] = _quote_home_paths(sys.argv[1:])
             register_configs()
@@ -188,7 +188,7 @@ def _train(dc: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     from . import distributed, record
-    from .config import to_config
+    from .compose import to_config
     from .data.datasets import load_corpus
     from .runtime import resolve_device
     from .tracking import Tracker

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
 
 
 class UserError(Exception):
     """A mistake the user can fix (config, files, data): reported as one line, no traceback."""
+
+
+# This module imports nothing of wordlm's: every other module may import it. What needs the model registry
+# (a Config from a dict or from Hydra, the ConfigStore) is in wordlm.compose.
 
 
 OPTIM_NAMES = ("sgd", "adamw")
@@ -71,12 +76,6 @@ class ModelConfig:
             _check(False, "model.tied=true with an adaptive layer ties the adaptive softmax's clusters to the adaptive "
                           "input's bands: set both model.softmax=adaptive and model.adaptive_input=true, or "
                           "model.tied=false")
-
-
-def _default_model() -> ModelConfig:
-    from .models import model_config
-
-    return model_config("lstm")
 
 
 @dataclass
@@ -160,7 +159,8 @@ class LossConfig:
 
 @dataclass
 class Config:
-    model: Any = field(default_factory=_default_model)  # a ModelConfig subclass, chosen by model.name
+    # a ModelConfig subclass, chosen by model.name (wordlm.compose.from_dict builds it from the registry)
+    model: Any = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -245,9 +245,7 @@ def _check(ok: bool, msg: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Check values the type system cannot; raise UserError naming the key and the fix."""
-    from .models import validate_model
-
-    validate_model(cfg.model)
+    cfg.model.validate()  # the model type's own checks (its config class)
     t, o = cfg.trainer, cfg.optim
     for k in ("epochs", "batch_size", "eval_batch_size", "bptt", "log_interval", "grad_accum", "max_bad_steps"):
         v = getattr(t, k)
@@ -315,28 +313,6 @@ RESUMABLE = frozenset({
 })
 
 
-def resume_conflicts(saved: dict, cfg: "Config") -> List[tuple]:
-    """(key, checkpoint's value, this command's value) for each run-defining key that differs."""
-    from .tracking import flatten
-
-    # A key the checkpoint's wordlm did not have yet counts as its default (a model type's LEGACY value): the
-    # behaviour that wordlm had. Changing it on resume is a change like any other.
-    old = {**flatten(to_dict(from_dict(saved))), **flatten(saved)}
-    new = flatten(to_dict(cfg))
-    out = []
-    for key, value in new.items():
-        if key in RESUMABLE or key not in old:
-            continue
-        a, b = old[key], value
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-            same = float(a) == float(b)
-        else:
-            same = a == b or (isinstance(a, (list, tuple)) and list(a) == list(b or []))
-        if not same:
-            out.append((key, a, b))
-    return out
-
-
 # model: by its name
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig, "loss": LossConfig}
 
@@ -347,15 +323,6 @@ def build(cls: type, values: dict) -> Any:
     return cls(**{k: v for k, v in (values or {}).items() if k in known})
 
 
-def from_dict(values: dict) -> Config:
-    """Rebuild a Config from plain containers (e.g. a checkpoint's)."""
-    from .models import config_from_dict
-
-    name = values.get("run_name")
-    return Config(model=config_from_dict(values.get("model") or {}), run_name=None if name is None else str(name),
-                  **{name: build(cls, values.get(name)) for name, cls in _SECTIONS.items()})
-
-
 def plain(dictconfig: Any) -> dict:
     """Hydra DictConfig -> plain, resolved containers without the ``hydra`` node."""
     from omegaconf import OmegaConf
@@ -364,30 +331,27 @@ def plain(dictconfig: Any) -> dict:
     return {k: v for k, v in values.items() if k != "hydra"}
 
 
-def to_config(dictconfig: Any) -> Config:
-    """Hydra DictConfig -> typed, validated Config (the boundary named in DESIGN.md)."""
-    cfg = from_dict(plain(dictconfig))
-    validate(cfg)
-    return cfg
-
-
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def register_configs() -> None:
-    """Register the schemas in Hydra's ConfigStore: typos and wrong types fail before training."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import MISSING
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a config as its dotted keys."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
-    from . import models
-    from .record import register_resolver
 
-    register_resolver()  # hydra.run.dir names the run's folder with it
-    cs = ConfigStore.instance()
-    cs.store(name="wordlm_schema", node=Config(model=MISSING))  # conf/model/<name>.yaml fills model
-    for name in models.names():  # each model YAML extends its own type's schema: /schema/model/<name>
-        cs.store(group="schema/model", name=name, node=models.config_class(name)(name=name))
-    cs.store(name="generate_schema", node=GenerateConfig)
-    cs.store(name="export_schema", node=ExportConfig)
-    cs.store(name="evaluate_schema", node=EvaluateConfig)
+def conf_dir() -> Path:
+    """The Hydra configs: ``conf/`` at the root of a checkout (an editable install too), or ``wordlm/conf``
+    inside an installed wheel (setup.py ships ``conf/`` there)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "conf", here / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise UserError(f"wordlm's configs are missing (no conf/config.yaml beside {here}): reinstall wordlm")

@@ -34,9 +34,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .checkpoint import load_model, need_checkpoint
 from .cli import entry
 from .config import ExportConfig, UserError, build, plain
-from .generate import need_checkpoint
 from .models import count_params
 
 FORMATS = ("onnx",)
@@ -265,8 +265,6 @@ def _size(n: int) -> str:
 
 def run(cfg: ExportConfig) -> Dict[str, Any]:
     """Export as ``cfg`` says; returns a summary (path, bytes, inputs, outputs, max_diff)."""
-    from .checkpoint import load_model
-
     validate(cfg)
     ckpt = need_checkpoint(cfg.checkpoint, "export.py")
     if not ckpt.is_file():

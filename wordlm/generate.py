@@ -19,42 +19,13 @@ from typing import Any, TextIO
 
 import torch
 
+from . import runtime
+from .checkpoint import load_model, need_checkpoint
 from .cli import entry
 from .config import DEVICES, GenerateConfig, UserError, build, plain
+from .sampling import TextWriter, encode_prompt, generate
 
 LONG_RUN_WORDS = 200  # fewer words than this never show a progress bar
-
-
-# ---------------------------------------------------------------------------- shared with evaluate
-def need_checkpoint(path: str | None, command: str) -> Path:
-    if not path:
-        raise UserError(f"checkpoint=PATH is required, e.g. python {command} "
-                        f"checkpoint=outputs/<run>/checkpoints/best.pt")
-    p = Path(path).expanduser()
-    if p.is_dir():
-        found = [c for c in (p / "best.pt", p / "checkpoints" / "best.pt") if c.is_file()]
-        hint = f"e.g. checkpoint={found[0]}" if found else "e.g. checkpoint=<run>/checkpoints/best.pt"
-        raise UserError(f"checkpoint={path} is a folder, not a checkpoint file: pass the .pt file itself, {hint}")
-    return p
-
-
-def resolve_device(name: str) -> torch.device:
-    """``device`` -> torch.device, with messages naming this command's key (not trainer.device)."""
-    from . import runtime
-
-    return runtime.resolve_device(name, key="device")
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    from . import runtime
-
-    return runtime.resolve_precision(name, device, key="precision")
-
-
-def load_checkpoint(path: Path, device: torch.device):
-    from .checkpoint import load_model
-
-    return load_model(path, device)
 
 
 # ---------------------------------------------------------------------------- generate
@@ -133,14 +104,12 @@ def _progress_bar(total: int, enabled: bool):
 
 def run(cfg: GenerateConfig, stdout: TextIO | None = None) -> dict:
     """Generate as ``cfg`` says; returns a small summary (words, seconds, words/s)."""
-    from .sampling import TextWriter, encode_prompt, generate
-
     validate(cfg)
     path = need_checkpoint(cfg.checkpoint, "generate.py")
     if cfg.outf and stdout is None:
         check_outf(cfg.outf, path, cfg.overwrite)
-    device = resolve_device(cfg.device)
-    loaded = load_checkpoint(path, device)
+    device = runtime.resolve_device(cfg.device, key="device")
+    loaded = load_model(path, device)
     vocab, model = loaded.vocab, loaded.model
     model.eval()
     context = cfg.context or loaded.config.trainer.bptt

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
+from .config import conf_dir, flatten, to_dict
+
 # Overrides that say where files go or how a run is watched, not what it is: never part of a run's name.
 NOT_IN_NAME = frozenset({
     "run_name", "trainer.resume", "trainer.init_from", "trainer.progress", "trainer.log_interval",
@@ -26,7 +28,7 @@ NAME_MAX = 80  # characters of a run name kept in its folder's name
 def default_groups() -> Dict[str, str]:
     """The config groups' default choices (conf/config.yaml's defaults list): ``{"model": "lstm", ...}``."""
     out: Dict[str, str] = {}
-    text = (Path(__file__).resolve().parent / "conf" / "config.yaml").read_text()
+    text = (conf_dir() / "config.yaml").read_text()
     for m in re.finditer(r"^\s+-\s+(\w+):\s*(\S+)\s*$", text, re.M):
         out[m.group(1)] = m.group(2)
     return out
@@ -102,9 +104,6 @@ def acts(key: str, flat: Dict[str, Any]) -> bool:
 def settings(cfg: Any, resolved: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The flattened config as it ran: only keys that act, ``resolved`` values (``trainer.device: cpu``, not
     ``auto``) in place of the requested ones, plus ``resolved``'s extra facts (vocabulary size, parameters)."""
-    from .config import to_dict
-    from .tracking import flatten
-
     values = to_dict(cfg)
     if hasattr(cfg.model, "effective"):
         values["model"] = cfg.model.effective()

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
+from .config import UserError, flatten  # noqa: F401  (flatten: kept importable from here)
+
 log = logging.getLogger("wordlm")
 
 
@@ -54,8 +56,6 @@ class Tracker(NullTracker):
 
     @contextlib.contextmanager
     def _writing(self):
-        from .config import UserError
-
         try:
             yield
         except (OSError, RuntimeError) as e:
@@ -163,17 +163,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def progress(iterable: Iterable, total: int, desc: str, enabled: bool = True, leave: bool = False):

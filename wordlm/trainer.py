@@ -30,9 +30,10 @@ from .config import Config, UserError
 from .data import Corpus, batchify, get_window, num_windows
 from .data.corpus import check_trainable
 from .distributed import Dist
+from .evaluation.scoring import eval_context, nll, ppl
 from .models import build_model, count_params, map_state, model_class, train_flops_per_token
 from .optim import Schedule, build_optimizer
-from .scoring import eval_context, nll, ppl
+from .sampling import sample_text
 from .tracking import NullTracker
 from .training import recipe
 from .training.callbacks import Callback, WindowLength
@@ -553,8 +554,6 @@ class Trainer:
         n = self.cfg.trainer.sample_words
         if n <= 0 or not self.dist.main:
             return
-        from .sampling import sample_text
-
         tc, temperature = self.cfg.trainer, 1.0
         with self._timed("eval"), self._eval_weights():
             text = sample_text(self.model, self.corpus.vocab, n, self.device, seed=tc.seed, context=tc.bptt,

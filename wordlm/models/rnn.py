@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, UserError
 from ..runtime import cpu_has_fast_bf16
-from . import LanguageModel, register
+from .base import LanguageModel, register
 from .words import (  # noqa: F401
     AdaptiveInput,
     Softmax,

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig, UserError
-from . import LanguageModel, register
+from .base import LanguageModel, register
 from .words import (
     AdaptiveInput,
     Softmax,

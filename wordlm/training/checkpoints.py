@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 import torch
 
 from .. import checkpoint
+from ..compose import resume_conflicts
 from ..config import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,8 +89,6 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ reading
     def resume(self, trainer: "Trainer", path: Path) -> None:
-        from ..config import resume_conflicts
-
         ck = checkpoint.load(path, map_location=trainer.device)
         conflicts = resume_conflicts(ck["config"], trainer.cfg)
         if conflicts:

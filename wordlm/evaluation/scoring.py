@@ -7,10 +7,11 @@ from typing import Optional
 
 import torch
 
-from . import runtime
-from .data import get_window
-from .distributed import Dist
-from .models import target_log_probs
+from .. import runtime
+from ..data import get_window
+from ..distributed import Dist
+from ..models import target_log_probs
+from ..tracking import progress
 
 
 def ppl(loss: float) -> float:
@@ -43,8 +44,6 @@ def nll(model: torch.nn.Module, data: torch.Tensor, bptt: int, device: torch.dev
     ``context`` tokens only give history (the previous window's last ones) and the other ``bptt - context`` are
     scored, so every token is scored exactly once, with at least ``context`` tokens before it (but at the start).
     ``context=0`` is the plain, non-overlapping evaluation."""
-    from .tracking import progress
-
     dist = dist or Dist()
     was_training = model.training
     model.eval()

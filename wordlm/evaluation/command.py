@@ -1,0 +1,195 @@
+"""Score a split with a checkpoint: ``python evaluate.py checkpoint=PATH [split=test] [data=...]``.
+
+Prints one line of JSON: loss (mean NLL per word, nats), perplexity and bits per word. The text
+is encoded with the checkpoint's own vocabulary (words it lacks become ``<unk>``), batched and
+windowed as the trainer does, and scored by the trainer's own :func:`wordlm.evaluation.scoring.nll`:
+with the same batch size, bptt and precision, the number equals the trainer's test loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import runtime
+from ..checkpoint import load_model, need_checkpoint
+from ..cli import die, entry
+from ..config import CacheConfig, DataConfig, DynamicConfig, EvaluateConfig, UserError, build, plain
+from ..data import SPLITS
+from ..data.batching import batchify
+from ..data.corpus import check_folder, encode_file, literal_count
+from ..data.datasets import prepare
+from . import stream
+from .scoring import eval_context, nll, ppl
+
+OOV_WARN = 0.05  # warn when more of the scored tokens than this are outside the checkpoint's vocabulary
+
+
+def validate(cfg: EvaluateConfig) -> None:
+    if cfg.split not in SPLITS:
+        raise UserError(f"split='{cfg.split}': use one of {'|'.join(SPLITS)}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise UserError(f"batch_size={cfg.batch_size} is impossible: it must be >= 1 or null (= the training "
+                        f"eval_batch_size)")
+    if cfg.bptt is not None and cfg.bptt < 1:
+        raise UserError(f"bptt={cfg.bptt} must be >= 1 or null (= the training bptt)")
+    c, d = cfg.cache, cfg.dynamic
+    if c.enabled:
+        if c.window < 1:
+            raise UserError(f"cache.window={c.window} must be >= 1")
+        if not 0 <= c.lam < 1:
+            raise UserError(f"cache.lam={c.lam} must be in [0, 1) (0 = the model alone)")
+        if not math.isfinite(c.theta):
+            raise UserError(f"cache.theta={c.theta} must be a finite number")
+    if d.enabled:
+        if d.rule not in ("rms", "sgd"):
+            raise UserError(f"dynamic.rule='{d.rule}': use rms|sgd")
+        if d.lr < 0 or d.decay < 0 or d.eps <= 0:
+            raise UserError(f"dynamic.lr={d.lr} and dynamic.decay={d.decay} must be >= 0, dynamic.eps={d.eps} > 0")
+        if d.segment is not None and d.segment < 1:
+            raise UserError(f"dynamic.segment={d.segment} must be >= 1 or null (= bptt)")
+        if cfg.batch_size not in (None, 1):
+            raise UserError(f"dynamic evaluation reads the text as one stream: batch_size={cfg.batch_size} would "
+                            f"adapt the weights on later text (the next columns) before scoring earlier text; "
+                            f"leave batch_size unset (= 1)")
+    if cfg.tune and not (c.enabled or d.enabled):
+        raise UserError("tune=true tunes the cache or dynamic evaluation: add cache.enabled=true and/or "
+                        "dynamic.enabled=true")
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    validate(cfg)
+    path = need_checkpoint(cfg.checkpoint, "evaluate.py")
+    device = runtime.resolve_device(cfg.device, key="device")
+    precision = runtime.resolve_precision(cfg.precision, device, key="precision")
+    loaded = load_model(path, device)
+    data_cfg = cfg.data if cfg.data is not None else loaded.config.data
+    folder = Path(prepare(data_cfg))  # holds train/valid/test.txt (fetched first where the data set says how)
+    files = check_folder(folder)
+    ids = encode_file(files[cfg.split], loaded.vocab)  # (N,) with the checkpoint's vocabulary, never a rebuilt one
+    # Out of vocabulary: words the checkpoint does not know (the text's own literal <unk> tokens are not).
+    unk = loaded.vocab.itos[loaded.vocab.unk]
+    oov = int((ids == loaded.vocab.unk).sum()) - literal_count(files[cfg.split], unk)
+    oov_rate = oov / max(1, ids.numel())
+    if oov_rate > OOV_WARN:
+        sys.stderr.write(f"wordlm: warning: {oov_rate:.1%} of the {cfg.split} tokens are not in the checkpoint's "
+                         f"vocabulary and score as <unk>: the perplexity is not comparable with the model's own "
+                         f"test set (is this the data the model was trained for?)\n")
+        sys.stderr.flush()
+    adaptive = cfg.cache.enabled or cfg.dynamic.enabled
+    # The cache and dynamic evaluation follow their references: one column, the whole text one stream.
+    bsz = cfg.batch_size or (1 if adaptive else loaded.config.trainer.eval_batch_size)
+    data = batchify(ids, bsz, device)  # (T, B)
+    bptt = cfg.bptt or loaded.config.trainer.bptt
+    longest = getattr(loaded.config.model, "longest", None)
+    if longest is not None and bptt > longest:
+        raise UserError(f"bptt={bptt} is longer than this model reads: model.max_len={longest} (learned positions); "
+                        f"use bptt={longest} or less")
+    given = cfg.eval_context if cfg.eval_context is not None else getattr(loaded.config.trainer, "eval_context", None)
+    if given is not None and not 0 <= given < bptt:
+        raise UserError(f"eval_context={given} must be in [0, bptt={bptt}) (null = the checkpoint's, else bptt // 2)")
+    context = eval_context(loaded.model, given, bptt)
+    out = {"checkpoint": str(path), "split": cfg.split, "tokens": int((data.size(0) - 1) * data.size(1)),
+           "batch_size": bsz, "bptt": bptt, "eval_context": 0 if adaptive else context}  # (cache/dynamic: a stream)
+    t0 = time.perf_counter()
+    if not adaptive:
+        loss = nll(loaded.model, data, bptt, device, precision, progress_desc=f"{cfg.split}" if cfg.progress else None,
+                   context=context)
+    else:
+        loss = _adapted(cfg, loaded, files, data, bsz, bptt, device, precision, out)
+    out.update(loss=loss, perplexity=ppl(loss), bits_per_word=loss / math.log(2), oov_rate=oov_rate, oov_tokens=oov,
+               seconds=round(time.perf_counter() - t0, 3))
+    return out
+
+
+def _adapted(cfg: EvaluateConfig, loaded, files, data, bsz: int, bptt: int, device, precision: str, out: dict):
+    """Score with the cache and/or dynamic evaluation (tuned on valid first when cfg.tune)."""
+    model = loaded.model
+    segment = (cfg.dynamic.segment or bptt) if cfg.dynamic.enabled else bptt
+    cache = dataclasses.replace(cfg.cache) if cfg.cache.enabled else None
+    dyn_cfg = dataclasses.replace(cfg.dynamic) if cfg.dynamic.enabled else None
+    ms = None
+    if dyn_cfg is not None:
+        t = time.perf_counter()
+        ms = stream.gradient_stats(model, encode_file(files["train"], loaded.vocab), segment, device, precision,
+                                     max_batches=dyn_cfg.stat_batches)
+        out["stat_seconds"] = round(time.perf_counter() - t, 3)
+
+    def score(d, c, dc) -> float:
+        dyn = stream.Dynamic(model, dc, ms) if dc is not None else None
+        return stream.evaluate(model, d, segment, device, precision, c, dyn)["loss"]
+
+    if cfg.tune:
+        full_valid = batchify(encode_file(files["valid"], loaded.vocab), bsz, device)
+        valid = full_valid[: max(2, cfg.tune_tokens // bsz + 1)] if cfg.tune_tokens else full_valid
+        tried = []
+        if cache is not None:  # the cache first, on the static model (cheap); dynamic evaluation then uses it
+            best = None
+            for theta, lam in itertools.product(stream.CACHE_GRID["theta"], stream.CACHE_GRID["lam"]):
+                c = dataclasses.replace(cache, theta=theta, lam=lam)
+                loss = score(valid, c, None)
+                tried.append({"cache.theta": theta, "cache.lam": lam, "valid_ppl": ppl(loss)})
+                if best is None or loss < best[0]:
+                    best = (loss, c)
+            cache = best[1]
+        if dyn_cfg is not None:
+            best = None
+            scale = segment / 5  # Krause's grid is for 5-token segments
+            for lr, decay in itertools.product(stream.DYNAMIC_GRID_LR, stream.DYNAMIC_GRID_DECAY):
+                dc = dataclasses.replace(dyn_cfg, lr=lr * scale, decay=decay * scale)
+                loss = score(valid, cache, dc)
+                tried.append({"dynamic.lr": dc.lr, "dynamic.decay": dc.decay, "valid_ppl": ppl(loss)})
+                if best is None or loss < best[0]:
+                    best = (loss, dc)
+            dyn_cfg = best[1]
+        valid_loss = score(full_valid, cache, dyn_cfg)
+        out.update(split="test", valid_ppl=ppl(valid_loss), tried=len(tried))
+        data = batchify(encode_file(files["test"], loaded.vocab), bsz, device)
+        out["tokens"] = int((data.size(0) - 1) * data.size(1))
+    out["cache"] = dataclasses.asdict(cache) if cache is not None else None
+    out["dynamic"] = ({**dataclasses.asdict(dyn_cfg), "segment": segment} if dyn_cfg is not None else None)
+    t = time.perf_counter()
+    loss = score(data, cache, dyn_cfg)
+    out["score_seconds"] = round(time.perf_counter() - t, 3)  # the scoring pass alone (no statistics, no tuning)
+    return loss
+
+
+def config_from(dc: Any) -> EvaluateConfig:
+    values = plain(dc)
+    data: dict | None = values.pop("data", None)
+    cache, dynamic = values.pop("cache", None), values.pop("dynamic", None)
+    cfg = build(EvaluateConfig, values)
+    cfg.data = build(DataConfig, data) if data else None
+    cfg.cache = build(CacheConfig, cache)
+    cfg.dynamic = build(DynamicConfig, dynamic)
+    return cfg
+
+
+def _task(dc: Any) -> dict:
+    result = run(config_from(dc))
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return result
+
+
+_hydra_main = entry("evaluate", _task)
+
+
+def main() -> Any:
+    # `data.dir=X` alone has no data set to apply to (data: null = the checkpoint's own): say so in one
+    # line instead of OmegaConf's assertion.
+    args = sys.argv[1:]
+    if any(a.startswith("data.") for a in args) and not any(a.startswith("data=") for a in args):
+        die("data.<key>=... needs a data set to apply to: add data=custom (a folder of your own, with data.dir=...) "
+            "or data=wikitext2; without data=..., the checkpoint's own data set is used")
+    return _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

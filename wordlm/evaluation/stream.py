@@ -1,0 +1,58 @@
+"""Scoring one stream with the methods that adapt to the text they score: the neural cache
+(:mod:`wordlm.evaluation.cache`) and dynamic evaluation (:mod:`wordlm.evaluation.dynamic`), for any model.
+
+Both work through the model interface alone (``forward(x, state, aux=True)`` gives ``hidden``), so the
+evaluator never asks which model it holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from .. import runtime
+from ..config import CacheConfig as CacheSettings
+from ..data import get_window
+from ..models import detach_state
+from .cache import CACHE_GRID, Cache  # noqa: F401  (the stream's parts, importable from here)
+from .dynamic import DYNAMIC_GRID_DECAY, DYNAMIC_GRID_LR, Dynamic, gradient_stats, rnn_backward_ok  # noqa: F401
+
+
+def token_nll(model: torch.nn.Module, data: torch.Tensor, segment: int, device: torch.device, precision: str = "fp32",
+              cache: Optional[CacheSettings] = None, dynamic: Optional[Dynamic] = None) -> torch.Tensor:
+    """(T - 1, B) negative log-likelihood of every target of ``data`` (T, B), scored window by window; with a
+    cache and/or dynamic evaluation. The model is back to its trained weights afterwards."""
+    model.eval()
+    mem = Cache(cache) if cache is not None else None
+    out: List[torch.Tensor] = []
+    state = None
+    try:
+        with rnn_backward_ok(device) if dynamic else contextlib.nullcontext():
+            for i in range(0, data.size(0) - 1, segment):
+                x, y = get_window(data, i, segment)
+                with torch.enable_grad() if dynamic else torch.no_grad():
+                    with runtime.autocast(device, precision):
+                        logp, state, aux = model(x, state, aux=True)
+                    tok = logp.float().gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (n, B)
+                    if dynamic:
+                        (-tok.mean()).backward()  # the segment is scored (below) before its update touches it
+                    with torch.no_grad():
+                        scored = mem.target_logp(aux["hidden"].detach(), logp.detach(), y) if mem else tok.detach()
+                    out.append(-scored.double())
+                if dynamic:
+                    dynamic.update()
+                state = detach_state(state)
+    finally:
+        if dynamic:
+            dynamic.restore()
+    return torch.cat(out, 0)
+
+
+def evaluate(model, data, segment, device, precision="fp32", cache=None, dynamic=None) -> Dict[str, float]:
+    t = time.perf_counter()
+    nll = token_nll(model, data, segment, device, precision, cache, dynamic)
+    loss = float(nll.mean())
+    return {"loss": loss, "seconds": time.perf_counter() - t}
