@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-from .config import UserError, conf_dir
+from . import record
+from .config import _SECTIONS, UserError, conf_dir
+from .tracking import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
@@ -68,7 +70,7 @@ def one_line(ex: BaseException) -> str:
             parts.append(line)
     parts = [p.rstrip(",") for p in parts]
     msg = " ".join(p if p.endswith((".", ":", "?")) else p + "." for p in parts)
-    return msg + _suggest(ex) + " (see the override table in README.md)"
+    return msg + _suggest(ex) + " (see the override tables in docs/configuration.md)"
 
 
 def _suggest(ex: BaseException) -> str:
@@ -76,8 +78,7 @@ def _suggest(ex: BaseException) -> str:
     import dataclasses
     import difflib
 
-    from . import models
-    from .config import _SECTIONS
+    from . import models  # (torch: imported only when a key is misspelt, so --help stays quick)
 
     m = re.search(r"Could not override '([\w.]+)'", str(ex)) or re.search(r"full_key: ([\w.]+)", str(ex.__cause__))
     if not m or "." not in m.group(1):
@@ -166,7 +167,7 @@ def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], A
         try:
             import hydra
 
-            from .compose import register_configs
+            from .compose import register_configs  # (torch, through the model registry: after --help's parse)
 
             sys.argv[1:] = _quote_home_paths(sys.argv[1:])
             register_configs()
@@ -187,7 +188,9 @@ def _train(dc: DictConfig) -> dict:
     import torch.distributed
     from hydra.core.hydra_config import HydraConfig
 
-    from . import distributed, record
+    # The heavy modules (torch) load here, when a job runs: --help stays quick, and a Ctrl-C while they load is
+    # reported in one line by the entry point.
+    from . import distributed
     from .compose import to_config
     from .data.datasets import load_corpus
     from .runtime import resolve_device
@@ -256,7 +259,7 @@ def _train(dc: DictConfig) -> dict:
         if started:
             log.warning("%s", message)
             trainer.stop_reason = "signal"
-            trainer._write_partial_metrics("interrupted", message)
+            trainer.report.partial("interrupted", message)
         raise Exit(130, message if d.main else "") from None
     except Exception as e:  # a failed run: its error line goes into train.log and metrics.json, then out
         if isinstance(e, Exit):
@@ -278,7 +281,7 @@ def _record_failure(trainer: Any, line: str) -> None:
     if trainer is None:
         return
     log.error("run failed at step %d: %s", trainer.step, line)
-    trainer.record_failure(line)
+    trainer.report.failure(line)
 
 
 def _first_line(e: BaseException) -> str:
@@ -291,8 +294,6 @@ def write_run_record(run_dir: Path, dc: DictConfig) -> None:
     (Hydra's own writing is off: ``hydra.output_subdir: null``), so a refused command never changes them."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
-
-    from .tracking import write_text_atomic
 
     hc = HydraConfig.get()
     folder = run_dir / ".hydra"

@@ -31,3 +31,15 @@ def get_window(source: torch.Tensor, i: int, bptt: int) -> tuple[torch.Tensor, t
     """Inputs ``source[i:i+n]`` and targets shifted by one, both (n, B), n = min(bptt, rest)."""
     n = min(bptt, source.size(0) - 1 - i)
     return source[i : i + n], source[i + 1 : i + 1 + n]
+
+
+def shard(corpus, split: str, width: int, share: int, rank: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``split`` of ``corpus`` in ``width`` columns, of which this rank holds ``share`` consecutive ones (rank r:
+    columns r * share .. (r + 1) * share), on ``device``. A split too small for the columns is one line naming
+    the key to lower."""
+    try:
+        cols = batchify(corpus.split(split), width)
+    except UserError as e:
+        key = "trainer.batch_size (x trainer.grad_accum)" if split == "train" else "trainer.eval_batch_size"
+        raise UserError(f"{split} split: {e} (here {key}={width})") from None
+    return cols[:, rank * share : (rank + 1) * share].contiguous().to(device)

@@ -17,6 +17,10 @@ dataclass (a :class:`~wordlm.config.ModelConfig` subclass), plus one YAML under 
 Nothing outside this package asks which model type it holds.
 """
 
+import importlib
+import pkgutil
+
+
 from .base import (
     LanguageModel,
     build_model,
@@ -35,8 +39,13 @@ from .base import (
 )
 
 # The built-in model types register themselves on import.
-from .rnn import RNNConfig, RNNModel  # noqa: E402
-from .transformer import TransformerConfig, TransformerModel  # noqa: E402
+from .rnn import RNNConfig, RNNModel
+from .transformer import TransformerConfig, TransformerModel
+
+# So does every other module in this folder: a new model type is one file here and one YAML in conf/model/.
+for _found in pkgutil.iter_modules(__path__):
+    if _found.name not in ("base", "words", "rnn", "transformer"):
+        importlib.import_module(f"{__name__}.{_found.name}")
 
 __all__ = ["LanguageModel", "RNNConfig", "RNNModel", "TransformerConfig", "TransformerModel", "build_model",
            "config_class", "config_from_dict", "count_params", "detach_state", "map_state", "model_class",

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, runtime
 from ..compose import resume_conflicts
 from ..config import UserError
+from ..models import map_state
+from .state import LoopState
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import Trainer
@@ -67,13 +69,23 @@ class CheckpointManager:
         return bool(self.minutes and time.monotonic() - self.last_time >= 60 * self.minutes)
 
     # ------------------------------------------------------------------ writing
+    def write(self, which: str, trainer: "Trainer", weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """:meth:`save`, timed as checkpoint seconds and said in train.log (start, size, seconds)."""
+        path = self.dir / f"{which}.pt"
+        shown = path.relative_to(trainer.run_dir) if path.is_relative_to(trainer.run_dir) else path
+        log.info("checkpoint: writing %s", shown)
+        with trainer.state.timed("checkpoint"):
+            self.save(which, trainer, weights)
+        size = path.stat().st_size / 2 ** 20 if self.main and path.is_file() else float("nan")
+        log.info("checkpoint: wrote %s (%.2f MB in %.2f s)", shown, size, trainer.state.last_phase_s)
+
     def save(self, which: str, trainer: "Trainer", weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Write ``<which>.pt``: ``weights`` (default: the model's own) and the trainer's whole state.
 
         Collective under DDP: every rank gathers its part of the state, rank 0 writes.
         """
         self.last_time = time.monotonic()  # on every rank: they vote on timed checkpoints
-        state = trainer.state_dict()
+        state = self.trainer_state(trainer)
         failure = ""
         if self.main:
             try:
@@ -86,6 +98,63 @@ class CheckpointManager:
             failure = trainer.dist.broadcast_object(failure)
         if failure:
             raise UserError(failure)
+
+    # ------------------------------------------------------------------ what a checkpoint holds
+    def trainer_state(self, trainer: "Trainer") -> Dict[str, Any]:
+        """Everything a resumed run needs to continue exactly: the loop state (one dataclass, whole), each part's
+        state, the carried hidden state of every column, the RNG of every rank. Collective: every rank takes part."""
+        tc = trainer.cfg.trainer
+        st = {
+            **trainer.state.state_dict(), "world": trainer.dist.world,
+            "columns": tc.batch_size * tc.grad_accum, "bptt": tc.bptt,
+            "state": _global_state(trainer),
+            "meter": trainer.meter.state_dict(), "throughput": trainer.throughput.state_dict(),
+            "step_fn": trainer.step_fn.state_dict(), "schedule": trainer.schedule.state_dict(),
+            "windows": trainer.windows.state_dict(), "callbacks": [cb.state_dict() for cb in trainer.callbacks],
+            "rng": trainer.dist.gather_objects(runtime.rng_state()),  # one entry per rank
+        }
+        return {"trainer": st, "optimizer": trainer.optimizer.state_dict()}
+
+    def restore(self, trainer: "Trainer", ck: Dict[str, Any], best_weights: Optional[Dict[str, torch.Tensor]] = None,
+                where: str = "checkpoint") -> None:
+        """Continue from a checkpoint's trainer state (``ck`` as read by :func:`wordlm.checkpoint.load`)."""
+        tc, st = trainer.cfg.trainer, ck["trainer"]
+        columns = tc.batch_size * tc.grad_accum
+        if int(st["columns"]) != columns or int(st["bptt"]) != tc.bptt:
+            raise UserError(
+                f"{where} was trained with {st['columns']} columns (batch_size x grad_accum) and bptt {st['bptt']}, "
+                f"not {columns} and {tc.bptt}: resume with the same trainer.batch_size, grad_accum and bptt"
+            )
+        saved_cbs = st.get("callbacks") or []
+        if len(saved_cbs) != len(trainer.callbacks):
+            raise UserError(f"{where} was trained with {len(saved_cbs)} training callbacks, this run has "
+                            f"{len(trainer.callbacks)}: resume with the same recipe settings")
+        for cb, cst in zip(trainer.callbacks, saved_cbs, strict=True):
+            cb.load_state_dict(cst, trainer)  # first: a phase may replace the optimizer
+        _load_optimizer(trainer, ck["optimizer"], where)
+        # Checkpoints from before tokens were counted: tokens from the steps (exact at a fixed bptt).
+        trainer.state = LoopState.from_state_dict(st, tokens_seen=int(st["step"]) * columns * tc.bptt)
+        if st["state"] is not None:
+            block = trainer.micro * tc.grad_accum  # this rank's consecutive columns
+            r, micro = trainer.dist.rank, trainer.micro
+            mine = map_state(st["state"], lambda t: t[..., r * block:(r + 1) * block, :])
+            trainer.states = [map_state(mine, lambda t, k=k: t[..., k * micro:(k + 1) * micro, :]
+                                        .contiguous().to(trainer.device)) for k in range(tc.grad_accum)]
+        trainer.meter.load_state_dict(st["meter"])
+        trainer.throughput.load_state_dict(st["throughput"])
+        trainer.step_fn.load_state_dict(st["step_fn"])
+        trainer.schedule.load_state_dict(st["schedule"], trainer.state.step)
+        trainer.windows.load_state_dict(st["windows"])
+        if best_weights is not None:
+            trainer.best_weights = best_weights
+        elif trainer.state.best_val is not None:  # best.pt is this checkpoint itself (as validation saw it)
+            with trainer.eval_weights():
+                trainer.best_weights = trainer.weights_on_cpu()
+        rngs = st.get("rng") or []
+        if len(rngs) == trainer.dist.world:
+            runtime.set_rng_state(rngs[trainer.dist.rank])
+        else:  # another world size: fresh, distinct streams (dropout masks cannot match anyway)
+            runtime.seed_all(tc.seed + 7919 * trainer.state.step + trainer.dist.rank)
 
     # ------------------------------------------------------------------ reading
     def resume(self, trainer: "Trainer", path: Path) -> None:
@@ -109,7 +178,7 @@ class CheckpointManager:
         best = Path(path).parent / "best.pt"  # the resumed run's own best.pt, wherever this run writes
         if best.is_file() and best.resolve() != Path(path).resolve():
             best_weights = checkpoint.load(best)["model"]
-        trainer.load_state_dict(ck, best_weights, str(path))
+        self.restore(trainer, ck, best_weights, str(path))
         log.info("resumed from %s at step %d (epoch %d, token %d of the epoch)", path, trainer.step,
                  trainer.epoch + 1, trainer.pos)
 
@@ -141,6 +210,41 @@ class CheckpointManager:
                     signal.signal(s, h)
 
         return _Ctx()
+
+
+def _load_optimizer(trainer: "Trainer", state: Dict[str, Any], where: str) -> None:
+    """The optimizer's state; fused/foreach are how this device runs it, not part of its state: keep this run's."""
+    opt = trainer.optimizer
+    impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
+    try:
+        opt.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{where}: optimizer state does not fit optim={trainer.cfg.optim.name} ({e})") from None
+    for g, kept in zip(opt.param_groups, impl, strict=True):
+        g.update(kept)
+        if not (g.get("fused") or g.get("capturable")):  # a step counter on a GPU would sync every step
+            for p in g["params"]:
+                pst = opt.state.get(p, {})
+                if isinstance(pst.get("step"), torch.Tensor):
+                    pst["step"] = pst["step"].cpu()
+    trainer.step_fn.set_optimizer(opt)
+
+
+def _global_state(trainer: "Trainer") -> Any:
+    """The carried hidden state of every column of the stream, in global column order.
+
+    This rank's K micro-batches are consecutive columns, and ranks hold consecutive blocks, so
+    concatenating micro-batches, then ranks, restores the order: any world size can resume it.
+    """
+    states = trainer.states
+    if states[0] is None:
+        return None
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        local = torch.cat(states, dim=-2)
+    else:
+        local = tuple(torch.cat([s[i] for s in states], dim=-2) for i in range(len(first)))
+    return map_state(local, lambda t: trainer.dist.gather_cat(t, dim=-2).cpu())
 
 
 class RunLock:
