@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
-from wordlm.evaluation.scoring import nll
 
-from wordlm.evaluation import stream as adaptive
 from wordlm.config import CacheConfig, DynamicConfig
+from wordlm.evaluation import stream as adaptive
+from wordlm.evaluation.scoring import nll
 from wordlm.models import build_model, model_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

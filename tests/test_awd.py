@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import run_cli, train_args
-from wordlm.evaluation.scoring import nll
 
 from wordlm import checkpoint
 from wordlm.config import Config, LossConfig, OptimConfig, TrainerConfig, UserError, validate
 from wordlm.data import read_corpus
+from wordlm.evaluation.scoring import nll
 from wordlm.models import build_model, model_config
 from wordlm.models.rnn import RNNLayer, embedding_dropout, locked_dropout
 from wordlm.trainer import Trainer

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli, train_args, write_corpus
-from wordlm.evaluation.scoring import nll as evaluate
 
 from wordlm.checkpoint import load_model
 from wordlm.data import batchify, read_corpus
+from wordlm.evaluation.scoring import nll as evaluate
 
 METRIC_KEYS = ("best_valid_ppl", "test_ppl", "train_tokens_per_sec", "steps", "epochs", "params", "seconds")
 TRAIN_TAGS = ("train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/tokens_per_sec")

@@ -20,7 +20,6 @@ Nothing outside this package asks which model type it holds.
 import importlib
 import pkgutil
 
-
 from .base import (
     LanguageModel,
     build_model,
