@@ -45,10 +45,12 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
-from .cli import CONF_DIR
+from .cli import CONF_DIR, die, one_line
 from .compose import register_configs, to_config
-from .config import DataConfig
+from .config import DataConfig, UserError
 from .data import get_window
 from .data.datasets import corpus_dir, load_corpus
 from .evaluation.scoring import nll
@@ -243,8 +245,16 @@ def baseline_args(overrides: List[str], steps: int, warmup: int) -> List[str]:
 def _subprocess_json(cmd: List[str], env: Dict[str, str]) -> Dict[str, Any]:
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
-        raise SystemExit(f"wordlm.bench: {shlex.join(cmd)} failed:\n{p.stderr[-2000:]}")
+        _child_failed(cmd, p)
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _child_failed(cmd: List[str], p: subprocess.CompletedProcess) -> None:
+    """A child's own one-line error is passed on as it is; anything else (a crash) with the command and its tail."""
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.startswith("wordlm: error: ")]
+    if lines:
+        raise UserError(lines[-1][len("wordlm: error: "):])
+    raise SystemExit(f"wordlm: error: {shlex.join(cmd)} failed (exit {p.returncode}):\n{p.stderr[-2000:]}")
 
 
 def _reached(curve: List[Dict[str, Any]], target: float) -> float | None:
@@ -265,7 +275,7 @@ def _train_to(overrides: List[str], target: float, minutes: float, env: Dict[str
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         process_s = time.perf_counter() - t0
         if p.returncode != 0:
-            raise SystemExit(f"wordlm.bench: {shlex.join(cmd)} failed:\n{p.stderr[-2000:]}")
+            _child_failed(cmd, p)
         m = json.loads((Path(tmp) / "metrics.json").read_text())
     return {"seconds": m["seconds_to_target"], "curve": m["curve"], "process_seconds": round(process_s, 1),
             "tokens_per_sec": m["train_tokens_per_sec"], "compile": m["compile"], "precision": m["precision"],
@@ -275,7 +285,7 @@ def _train_to(overrides: List[str], target: float, minutes: float, env: Dict[str
 def to_ppl(a: argparse.Namespace, env: Dict[str, str]) -> None:
     """Seconds until the validation perplexity reaches a target, beside the classic example."""
     if not a.baseline:
-        raise SystemExit("wordlm.bench: --to-ppl needs --baseline (the classic example to run beside wordlm)")
+        raise UserError("--to-ppl needs --baseline (the classic example to run beside wordlm)")
     data = ["data=custom", f"data.dir={a.data}"] if a.data else []
     args = baseline_args(data, 0, 0)
     for flag in ("--steps", "--warmup"):  # (the timed-steps mode's)
@@ -342,7 +352,7 @@ def tokenize_bench(folder: str, env: Dict[str, str]) -> None:
             print(json.dumps({"phase": phase, "folder": folder, **r}), flush=True)
 
 
-def main(argv: List[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Benchmark wordlm training beside the classic example's loop.")
     ap.add_argument("-c", "--config", action="append", default=None,
                     help="Hydra overrides for one config, quoted (repeatable); default: the default config")
@@ -368,7 +378,43 @@ def main(argv: List[str] | None = None) -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)  # worker mode: JSON list of overrides
     ap.add_argument("--generate-one", action="store_true", help=argparse.SUPPRESS)  # worker mode
     ap.add_argument("--tokenize-one", nargs=2, help=argparse.SUPPRESS)  # worker mode: folder, cache dir
-    a = ap.parse_args(argv)
+    return ap
+
+
+def check(a: argparse.Namespace) -> None:
+    """One line per impossible flag, before any work (``wordlm: error: ...``, exit 2)."""
+    for flag, value, least in (("--steps", a.steps, 1), ("--warmup", a.warmup, 0), ("--repeats", a.repeats, 1),
+                               ("--baseline-epochs", a.baseline_epochs, 1)):
+        if value < least:
+            raise UserError(f"{flag} {value} must be >= {least}")
+    if a.generate is not None and a.generate < 1:
+        raise UserError(f"--generate {a.generate}: give the number of words to sample, e.g. --generate 1000")
+    if a.to_ppl not in (None, "baseline"):
+        try:
+            ok = float(a.to_ppl) > 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"--to-ppl {a.to_ppl!r}: give a perplexity above 1 (e.g. --to-ppl 250) or 'baseline'")
+    if a.limit_minutes is not None and not a.limit_minutes > 0:
+        raise UserError(f"--limit-minutes {a.limit_minutes} must be > 0")
+    for flag, folder in (("--data", a.data), ("--tokenize", a.tokenize)):
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            raise UserError(f"{flag} {folder}: no such folder (it must hold train.txt, valid.txt and test.txt)")
+    if a.baseline is not None and not Path(a.baseline).is_file():
+        raise UserError(f"--baseline {a.baseline}: no such file (the path to seed_baseline.py)")
+
+
+def main(argv: List[str] | None = None) -> None:
+    a = parser().parse_args(argv)
+    try:
+        check(a)
+        _dispatch(a)
+    except (UserError, HydraException, OmegaConfBaseException) as e:
+        die(str(e) if isinstance(e, UserError) else one_line(e))
+
+
+def _dispatch(a: argparse.Namespace) -> None:
     if a.tokenize_one:
         print(json.dumps(tokenize_one(*a.tokenize_one)))
         return
@@ -379,8 +425,6 @@ def main(argv: List[str] | None = None) -> None:
         print(json.dumps(generate_one(json.loads(a.one), a.generate, a.profile)))
         return
     if a.generate is not None:
-        if a.generate < 1:
-            ap.error(f"--generate {a.generate}: give the number of words to sample, e.g. --generate 1000")
         generate_bench(a, {**os.environ})
         return
     if a.profile:
@@ -389,11 +433,6 @@ def main(argv: List[str] | None = None) -> None:
             print(json.dumps(profile_one([*data, *shlex.split(cfg_str)], a.steps, a.warmup)), flush=True)
         return
     if a.to_ppl is not None:
-        if a.to_ppl != "baseline":
-            try:
-                float(a.to_ppl)
-            except ValueError:
-                ap.error(f"--to-ppl {a.to_ppl!r}: give a perplexity (e.g. --to-ppl 250) or 'baseline'")
         to_ppl(a, {**os.environ})
         return
 
@@ -401,6 +440,11 @@ def main(argv: List[str] | None = None) -> None:
         print(json.dumps(measure_one(json.loads(a.one), a.steps, a.warmup)))
         return
 
+    speed_rows(a)
+
+
+def speed_rows(a: argparse.Namespace) -> None:
+    """Tokens/s of each config beside the classic loop: fresh processes, alternating, the median of --repeats."""
     env = {**os.environ}
     for cfg_str in a.config or [""]:
         overrides = shlex.split(cfg_str)

@@ -15,10 +15,15 @@ learn (the topic), so a language model's perplexity falls well below the unigram
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .cli import die
+from .config import UserError
 
 TOPIC_WORDS = 2000
 TOPIC_POOL = 20000
@@ -53,13 +58,32 @@ def write_split(path: Path, n_tokens: int, vocab: int, rng: np.random.Generator,
     return written
 
 
-def make(out: Path, tokens: int, vocab: int, heldout: int, topics: int, alpha: float, seed: int) -> dict:
+def check(out: Path, tokens: int, vocab: int, heldout: int, topics: int, alpha: float) -> None:
+    """One line per impossible setting, before anything is written."""
     if vocab < TOPIC_POOL:
-        raise SystemExit(f"--vocab {vocab}: at least {TOPIC_POOL} words (the topics draw from the top {TOPIC_POOL})")
-    out.mkdir(parents=True, exist_ok=True)
+        raise UserError(f"--vocab {vocab}: at least {TOPIC_POOL} words (the topics draw from the top {TOPIC_POOL})")
+    for flag, value, least in (("--tokens", tokens, 1000), ("--heldout", heldout, 100), ("--topics", topics, 1)):
+        if value < least:
+            raise UserError(f"{flag} {value} must be >= {least}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise UserError(f"--alpha {alpha} must be a finite number > 0 (1.0 is Zipf's law)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file: give a folder to write train.txt, valid.txt and test.txt into")
     existing = [p for p in (out / f"{s}.txt" for s in ("train", "valid", "test")) if p.exists()]
     if existing:
-        raise SystemExit(f"{existing[0]} exists: pick an empty folder (nothing is overwritten)")
+        raise UserError(f"{existing[0]} exists: pick an empty folder (nothing is overwritten)")
+
+
+def make(out: Path, tokens: int, vocab: int, heldout: int, topics: int, alpha: float, seed: int) -> dict:
+    check(out, tokens, vocab, heldout, topics, alpha)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _write(out, tokens, vocab, heldout, topics, alpha, seed)
+    except OSError as e:
+        raise UserError(f"cannot write in {out}: {e.strerror or e}; choose a writable folder") from None
+
+
+def _write(out: Path, tokens: int, vocab: int, heldout: int, topics: int, alpha: float, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     table = np.stack([rng.choice(TOPIC_POOL, size=TOPIC_WORDS, replace=False) for _ in range(topics)])
     t0 = time.perf_counter()
@@ -68,7 +92,7 @@ def make(out: Path, tokens: int, vocab: int, heldout: int, topics: int, alpha: f
     return {"folder": str(out), "tokens": counts, "vocab": vocab, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--tokens", type=int, default=2_000_000, help="training tokens (<eos> included)")
@@ -77,10 +101,15 @@ def main(argv=None) -> None:
     ap.add_argument("--topics", type=int, default=100)
     ap.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent")
     ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    import json
+    return ap
 
-    print(json.dumps(make(a.out, a.tokens, a.vocab, a.heldout, a.topics, a.alpha, a.seed)))
+
+def main(argv=None) -> None:
+    a = parser().parse_args(argv)
+    try:
+        print(json.dumps(make(a.out.expanduser(), a.tokens, a.vocab, a.heldout, a.topics, a.alpha, a.seed)))
+    except UserError as e:
+        die(str(e))
 
 
 if __name__ == "__main__":
