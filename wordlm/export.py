@@ -2,7 +2,7 @@
 [opset=18] [verify=true]``.
 
 Weights, config and vocabulary come from the checkpoint alone (read with ``weights_only=True``); the model is
-exported in eval mode, on CPU, in fp32. The ONNX graph (see README.md, "Exporting to ONNX"):
+exported in eval mode, on CPU, in fp32. The ONNX graph (see docs/evaluation.md, "Exporting to ONNX"):
 
 - input ``tokens``: int64 (seq_len, batch), both axes dynamic;
 - output ``log_probs``: float32 (seq_len, batch, vocab);

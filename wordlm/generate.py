@@ -1,7 +1,7 @@
 """Sample text from a checkpoint alone: ``python generate.py checkpoint=PATH [words=...] [prompt="..."]``.
 
 Weights, config and vocabulary all come from the checkpoint (read with ``weights_only=True``);
-the corpus is never read. See README.md ("Generating text and evaluating a checkpoint") for examples.
+the corpus is never read. See docs/evaluation.md for examples.
 """
 
 from __future__ import annotations
