@@ -120,7 +120,9 @@ def test_synthetic_corpus_is_zipfian_deterministic_and_never_overwrites(tmp_path
     counts = Counter(words)
     assert counts.most_common(1)[0][0] in {"w0", "w1"} and counts["w0"] > 20 * counts.get("w999", 1)
     assert len(counts) > 5_000  # a long tail
-    with pytest.raises(SystemExit, match="exists: pick an empty folder"):
+    from wordlm.config import UserError
+
+    with pytest.raises(UserError, match="exists: pick an empty folder"):
         make(tmp_path / "a", 1000, 25_000, 100, topics=2, alpha=1.0, seed=0)
     assert (tmp_path / "a" / "train.txt").read_bytes() == (tmp_path / "b" / "train.txt").read_bytes()
 
