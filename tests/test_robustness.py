@@ -217,7 +217,7 @@ def test_fresh_run_refuses_to_overwrite_another_runs_checkpoints(corpus, trained
     shutil.copytree(trained, run)
     before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
     msg = one_line_error(run_cli("train.py", train_args(corpus, run, "trainer.max_steps=3")))
-    assert "already holds a run's checkpoints" in msg and "trainer.resume=auto" in msg
+    assert "already holds a run (checkpoints/" in msg and "trainer.resume=auto" in msg
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
 
 

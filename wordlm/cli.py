@@ -26,6 +26,36 @@ log = logging.getLogger("wordlm")
 CONF_DIR = str(conf_dir())  # conf/ of the checkout, or wordlm/conf inside an installed wheel
 
 
+class RunLogFile(logging.FileHandler):
+    """train.log: records are held back (not even the file is created) until :meth:`start`, called once the run
+    has passed every check; a refused command leaves no train.log, and appends nothing to another run's."""
+
+    HOLD = 10_000  # records held at most before the start (the oldest are dropped)
+
+    def __init__(self, filename: str, mode: str = "a", encoding: str | None = None, delay: bool = True):
+        super().__init__(filename, mode, encoding, delay=True)
+        self.held: list = []
+        self.started = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.started:
+            super().emit(record)
+        elif len(self.held) < self.HOLD:
+            self.held.append(record)
+
+    def start(self) -> None:
+        self.started = True
+        for record in self.held:
+            super().emit(record)
+        self.held = []
+
+    @staticmethod
+    def start_all() -> None:
+        for h in logging.getLogger().handlers:
+            if isinstance(h, RunLogFile):
+                h.start()
+
+
 class Exit(Exception):
     """Leave with this message and exit code (used for interruptions)."""
 
@@ -237,6 +267,7 @@ def _train(dc: DictConfig) -> dict:
             write_run_record(run_dir, dc)
             trainer.tracker = Tracker(run_dir, purge_step=trainer.step + 1 if resume else None)
         started = True
+        RunLogFile.start_all()
         metrics = trainer.fit()
         log.info("outputs in %s", run_dir)
         return metrics
@@ -272,7 +303,16 @@ def _train(dc: DictConfig) -> dict:
             trainer.tracker.close()  # after a failure's record (above) reached TensorBoard
         if lock is not None:
             lock.release()
+        if not started and d.main:  # a refused command leaves no empty folder behind (and removes nothing else)
+            _remove_if_empty(run_dir)
         distributed.shutdown()
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only ever succeeds on an empty folder
+    except OSError:
+        pass
 
 
 def _record_failure(trainer: Any, line: str) -> None:
@@ -332,15 +372,22 @@ def _is_peer_failure(e: BaseException) -> bool:
 
 def _resume_path(value: Any, run_dir: Path) -> Path | None:
     last = run_dir / "checkpoints" / "last.pt"
+    # A fresh run writes checkpoints/, metrics.json and .hydra/: where any of them is already there (another
+    # run's, or the user's own files), it would overwrite them. Refuse, lose nothing.
+    taken = [p.relative_to(run_dir).as_posix() for p in (*sorted(run_dir.glob("checkpoints/*.pt")),
+                                                         run_dir / "metrics.json", run_dir / ".hydra") if p.exists()]
     if value in (None, ""):
-        if last.is_file():
-            # A fresh run here would overwrite another run's checkpoints: refuse, lose nothing.
-            raise UserError(f"{run_dir} already holds a run's checkpoints: continue it with trainer.resume=auto, "
-                            f"or start a new run in another hydra.run.dir")
+        if taken:
+            hint = "continue it with trainer.resume=auto, or " if last.is_file() else ""
+            raise UserError(f"{run_dir} already holds a run ({', '.join(taken[:3])}): {hint}start a new run in "
+                            f"another hydra.run.dir (nothing there was changed)")
         return None
     if value == "auto":
         if last.is_file():
             return last
+        if taken:
+            raise UserError(f"trainer.resume=auto: {run_dir} holds {', '.join(taken[:3])} but no checkpoints/last.pt "
+                            f"to resume from; start a new run in another hydra.run.dir (nothing there was changed)")
         log.info("trainer.resume=auto: no %s yet, starting fresh", last)
         return None
     p = Path(str(value)).expanduser()
