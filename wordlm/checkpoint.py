@@ -81,9 +81,27 @@ def _io_error(e: BaseException) -> Optional[OSError]:
     return None
 
 
+def _verify(path: Path) -> None:
+    """Every member of the archive against the CRC the zip stored when it was written: a flipped byte in a tensor
+    (a bad disk, a bad copy) is caught here, never read as a weight."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise UserError(f"{path} is not a complete checkpoint (truncated or corrupt: {e}); use another one, e.g. "
+                        f"checkpoints/best.pt") from None
+    if bad is not None:
+        raise UserError(f"{path} is damaged: {bad} no longer matches the checksum written with it (the file changed "
+                        f"on disk or in a copy); use another checkpoint, e.g. checkpoints/best.pt")
+
+
 def load(path: os.PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``, every tensor mapped to ``map_location``."""
     path = Path(path)
+    if path.is_dir():
+        found = [c for c in (path / "best.pt", path / "checkpoints" / "best.pt") if c.is_file()]
+        raise UserError(f"{path} is a folder, not a checkpoint file: pass the .pt file itself, e.g. "
+                        f"{found[0] if found else path / 'checkpoints' / 'best.pt'}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: check the path (runs keep them in <run>/checkpoints/)")
     if not zipfile.is_zipfile(path):
@@ -96,6 +114,7 @@ def load(path: os.PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
                             f"use another one, e.g. checkpoints/best.pt")
         raise UserError(f"{path} is not a wordlm checkpoint (not a torch.save archive): "
                         f"pass a .pt file written by train.py, e.g. <run>/checkpoints/best.pt")
+    _verify(path)
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -154,6 +173,7 @@ class Loaded:
     vocab: Vocab
     model: torch.nn.Module
     raw: Dict[str, Any]
+    weights: str = "trained"  # which weights the model holds: "trained", or the averages the run validated
 
 
 def need_checkpoint(path: str | None, command: str) -> Path:
@@ -177,15 +197,27 @@ def load_model(path: os.PathLike, device: Any = "cpu") -> Loaded:
     except ValueError as e:
         raise UserError(f"{path} holds a malformed vocabulary: {e}") from None
     model = build_model(cfg.model, len(vocab))
-    load_weights(model, ck["model"], str(path))
+    # last.pt of a run that averages (NT-ASGD) holds the averaged weights it validated beside the raw ones it
+    # trains on: a checkpoint is scored, sampled and exported with the weights its run validated.
+    validated = ck.get("validated_model")
+    load_weights(model, validated if validated is not None else ck["model"], str(path))
     model.to(device)
-    return Loaded(cfg, vocab, model, ck)
+    return Loaded(cfg, vocab, model, ck, "averaged (as the run validated them)" if validated is not None else "trained")
 
 
 def init_from(model: torch.nn.Module, vocab: Vocab, path: Any) -> None:
     """``trainer.init_from``: a new run starts from a checkpoint's model weights (nothing else of it)."""
     p = Path(str(path)).expanduser()
     ck = load(p)
+    theirs = config_from_dict(ck["config"].get("model"), where=f"trainer.init_from={path}")
+    ours = getattr(model, "cfg", None)
+    if ours is not None:
+        shape = [k for k in sorted(set(vars(theirs)) & set(vars(ours))) if "drop" not in k and k != "locked"
+                 and getattr(theirs, k) != getattr(ours, k)]
+        if shape:
+            shown = ", ".join(f"model.{k}: {getattr(theirs, k)!r} there, {getattr(ours, k)!r} here" for k in shape[:4])
+            raise UserError(f"trainer.init_from={path} holds another model ({shown}): use that run's model settings "
+                            f"(or its experiment=...)")
     if ck["vocab"] != vocab.itos:
         raise UserError(f"trainer.init_from={path} was trained with another vocabulary ({len(ck['vocab'])} words, "
                         f"this corpus gives {len(vocab)}): use the same data settings as that run")

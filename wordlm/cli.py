@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from . import record
-from .config import _SECTIONS, UserError, conf_dir
+from .config import _SECTIONS, UserError, conf_dir, flatten, to_dict
 from .tracking import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,8 +45,8 @@ class RunLogFile(logging.FileHandler):
 
     def start(self) -> None:
         self.started = True
-        for record in self.held:
-            super().emit(record)
+        for held in self.held:
+            super().emit(held)
         self.held = []
 
     @staticmethod
@@ -162,13 +162,13 @@ def _os_error(e: BaseException) -> OSError | None:
     return None
 
 
-_TILDE = re.compile(r"^([\w.+~/-]+)=(~[^'\"]*)$")
+_TILDE = re.compile(r"^([\w.+~/-]+)=([\"']?)(~[^'\"]*)\2$")
 
 
 def _quote_home_paths(argv: list) -> list:
     """``data.dir=~/x`` is a lexer error in Hydra's override grammar, and Hydra would not expand ``~`` (in
     ``hydra.run.dir`` a folder named ``~`` would appear): expand it, quoted, as a shell would have."""
-    return [_TILDE.sub(lambda m: f"{m.group(1)}='{os.path.expanduser(m.group(2))}'", a) if not a.startswith("-")
+    return [_TILDE.sub(lambda m: f"{m.group(1)}='{os.path.expanduser(m.group(3))}'", a) if not a.startswith("-")
             else a for a in argv]
 
 
@@ -221,15 +221,13 @@ def _train(dc: DictConfig) -> dict:
     # The heavy modules (torch) load here, when a job runs: --help stays quick, and a Ctrl-C while they load is
     # reported in one line by the entry point.
     from . import distributed
-    from .compose import to_config
     from .data.datasets import load_corpus
     from .runtime import resolve_device
     from .tracking import Tracker
     from .trainer import Interrupted, Trainer
     from .training.checkpoints import RunLock
 
-    cfg = to_config(dc)
-    cfg.run_name = record.run_name(cfg.run_name, HydraConfig.get().overrides.task)
+    dc, cfg = _run_config(dc)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # A train.log write that fails (a full disk) must not print a traceback per log line: the failure that
     # matters (a checkpoint or events that cannot be written) stops the run with one line.
@@ -260,6 +258,9 @@ def _train(dc: DictConfig) -> dict:
         if d.main:
             trainer.ckpt.clear_stale_temps()
         resume = _resume_path(cfg.trainer.resume, run_dir)  # after the data and sizes are known to be good
+        if resume is None and cfg.optim.finetune and not cfg.trainer.init_from:
+            raise UserError("optim.finetune=true finetunes a trained model, and there is no last.pt here to resume: "
+                            "add trainer.init_from=<first run>/checkpoints/best.pt")
         if resume is not None:
             trainer.resume(resume)
         if d.main:
@@ -313,6 +314,46 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()  # only ever succeeds on an empty folder
     except OSError:
         pass
+
+
+def _run_config(dc: DictConfig):
+    """The composed config as the run uses it: a preset's optimizer keys replaced where the user chose another
+    optimizer group, typed and validated, keys that do nothing named in one line, the run's name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .compose import to_config  # (torch, through the model registry)
+
+    task = list(HydraConfig.get().overrides.task)
+    dc = _preset_optimizer_replaced(dc, task)
+    cfg = to_config(dc)
+    flat = flatten(to_dict(cfg))
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in task if "=" in o)
+    idle = [k for k in keys if k in flat and not record.acts(k, flat)]
+    if idle:
+        log.warning("%s %s nothing in this run (optim.name=%s, optim.schedule=%s): ignored, and left out of its "
+                    "name", ", ".join(idle), "does" if len(idle) == 1 else "do", cfg.optim.name, cfg.optim.schedule)
+    cfg.run_name = record.run_name(cfg.run_name, task, flat)
+    return dc, cfg
+
+
+def _preset_optimizer_replaced(dc: DictConfig, task: list) -> DictConfig:
+    """``experiment=X optim=Y``: a preset's optimizer keys were chosen for its own optimizer (SGD's lr 30 makes
+    AdamW diverge). The optimizer group the user names brings its own defaults instead; the user's own optim.*
+    overrides still apply on top, and a line says which of the preset's keys were replaced."""
+    if not any(o.startswith("experiment=") for o in task) or not any(o.startswith("optim=") for o in task):
+        return dc
+    from hydra import compose
+    from omegaconf import OmegaConf, open_dict
+
+    own = compose(config_name="config", overrides=[o for o in task if not o.startswith("experiment=")]).optim
+    replaced = [f"optim.{k}={dc.optim[k]}" for k in own if dc.optim[k] != own[k]]
+    if replaced:
+        log.warning("%s: the preset's optimizer settings %s are replaced by that optimizer's own defaults (set "
+                    "optim.<key>=... to choose them)", next(o for o in task if o.startswith("optim=")),
+                    ", ".join(replaced))
+        with open_dict(dc):
+            dc.optim = OmegaConf.merge(dc.optim, own)
+    return dc
 
 
 def _record_failure(trainer: Any, line: str) -> None:

@@ -282,6 +282,16 @@ def validate(cfg: Config) -> None:
            f"optim.schedule_over=time decays the cosine schedule over the time budget: it needs optim.schedule=cosine "
            f"and trainer.max_minutes (got schedule={o.schedule}, max_minutes={t.max_minutes})")
     _check(o.nonmono >= 1, f"optim.nonmono={o.nonmono} must be >= 1")
+    _check(o.name == "sgd" or not (o.ntasgd or o.finetune),
+           f"optim.{'ntasgd' if o.ntasgd else 'finetune'}=true averages SGD's iterates (NT-ASGD): it needs "
+           f"optim.name=sgd, not {o.name}; for AdamW choose optim=adamw")
+    _check(o.name != "adamw" or o.lr < 1,
+           f"optim.lr={o.lr:g} with AdamW diverges (its learning rates are about 1e-4 to 3e-3; SGD's are 1 to 30): "
+           f"set optim.lr, e.g. optim.lr=1e-3")
+    _check(0 <= t.seed < 2 ** 63, f"trainer.seed={t.seed} must be in [0, 2**63)")
+    _check(not t.variable_bptt or t.bptt >= 5,
+           f"trainer.variable_bptt=true draws windows of at least 5 tokens around trainer.bptt={t.bptt} and scales the "
+           f"lr by length / bptt: it needs trainer.bptt >= 5")
     _check(not o.finetune or bool(t.init_from or t.resume),
            "optim.finetune=true finetunes a trained model: add trainer.init_from=<first run>/checkpoints/best.pt")
     _check(not (o.ntasgd and o.finetune), "optim.ntasgd=true and optim.finetune=true: pick one (finetune averages "

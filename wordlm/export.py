@@ -272,6 +272,8 @@ def run(cfg: ExportConfig) -> Dict[str, Any]:
     out = output_path(cfg.out, ckpt, cfg.overwrite)
     need_packages()
     loaded = load_model(ckpt, "cpu")
+    if loaded.weights != "trained":
+        sys.stderr.write(f"wordlm: note: exporting the {loaded.weights} weights of {ckpt.name}\n")
     model = loaded.model.float().eval()
     vocab_size = len(loaded.vocab)
     if count_params(model) * 4 > MAX_BYTES:

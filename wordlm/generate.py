@@ -41,6 +41,7 @@ def validate(cfg: GenerateConfig) -> None:
     check(0 < cfg.top_p <= 1, f"top_p={cfg.top_p} must be in (0, 1] (1 = no nucleus filtering)")
     check(cfg.context is None or cfg.context >= 1, f"context={cfg.context} must be >= 1 or null (= training bptt)")
     check(cfg.device in DEVICES, f"device='{cfg.device}': use {'|'.join(DEVICES)}")
+    check(0 <= cfg.seed < 2 ** 63, f"seed={cfg.seed} must be in [0, 2**63)")
 
 
 def check_outf(outf: str, checkpoint: Path, overwrite: bool) -> Path:
@@ -83,6 +84,8 @@ def open_output(outf: str | None, stream: TextIO | None = None) -> Iterator[Text
             os.replace(tmp, path)
             done = True
         except OSError as e:
+            with contextlib.suppress(OSError):  # (its buffer cannot be written either: the close must not raise again)
+                f.close()
             what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise UserError(f"cannot write outf={outf}: {what}; nothing was written there. Free space or choose "
                             f"another path") from None
@@ -112,6 +115,8 @@ def run(cfg: GenerateConfig, stdout: TextIO | None = None) -> dict:
     loaded = load_model(path, device)
     vocab, model = loaded.vocab, loaded.model
     model.eval()
+    if loaded.weights != "trained":
+        sys.stderr.write(f"wordlm: note: sampling with the {loaded.weights} weights of {path.name}\n")
     context = cfg.context or loaded.config.trainer.bptt
     longest = getattr(loaded.config.model, "longest", None)
     if longest is not None and context > longest:

@@ -34,10 +34,11 @@ def default_groups() -> Dict[str, str]:
     return out
 
 
-def run_name(given: Any, overrides: Iterable[str]) -> str:
+def run_name(given: Any, overrides: Iterable[str], flat: Optional[Dict[str, Any]] = None) -> str:
     """``run_name=`` when set; else the command line's overrides that change the run, e.g.
     ``model=transformer,optim=adamw`` (a group set to its default, paths, logging and resume keys are left
-    out; a path keeps its last part); ``defaults`` when nothing is left."""
+    out, and, given the run's ``flat`` config, keys that do nothing in it; a path keeps its last part);
+    ``defaults`` when nothing is left."""
     if given not in (None, ""):
         return str(given)
     groups = default_groups()
@@ -45,7 +46,7 @@ def run_name(given: Any, overrides: Iterable[str]) -> str:
     for o in overrides:
         key, sep, value = str(o).partition("=")
         key = key.lstrip("+~")
-        if not sep or key.startswith("hydra.") or key in NOT_IN_NAME:
+        if not sep or key.startswith("hydra.") or key in NOT_IN_NAME or (flat is not None and not acts(key, flat)):
             continue
         if "." not in key and groups.get(key) == value:
             continue
@@ -67,9 +68,19 @@ def folder_name(name: str) -> str:
     return safe or "run"
 
 
-def dir_suffix(given: Any, overrides: Any) -> str:
-    """Hydra resolver behind ``hydra.run.dir``: ``_<folder name>`` of the run name."""
-    return "_" + folder_name(run_name(given, list(overrides or [])))
+def dir_suffix(given: Any, overrides: Any, _root_: Any = None) -> str:
+    """Hydra resolver behind ``hydra.run.dir``: ``_<folder name>`` of the run name (``_root_``: the composed
+    config, so that keys which do nothing in this run stay out of the name)."""
+    flat = None
+    if _root_ is not None:
+        try:
+            from omegaconf import OmegaConf
+
+            values = OmegaConf.to_container(_root_, resolve=False)
+            flat = flatten({k: v for k, v in values.items() if k != "hydra"})
+        except Exception:  # noqa: BLE001 - a name without that refinement is still a name
+            flat = None
+    return "_" + folder_name(run_name(given, list(overrides or []), flat))
 
 
 def register_resolver() -> None:

@@ -50,14 +50,20 @@ def validate(cfg: EvaluateConfig) -> None:
     if d.enabled:
         if d.rule not in ("rms", "sgd"):
             raise UserError(f"dynamic.rule='{d.rule}': use rms|sgd")
-        if d.lr < 0 or d.decay < 0 or d.eps <= 0:
-            raise UserError(f"dynamic.lr={d.lr} and dynamic.decay={d.decay} must be >= 0, dynamic.eps={d.eps} > 0")
+        if not all(math.isfinite(v) for v in (d.lr, d.decay, d.eps)) or d.lr < 0 or d.decay < 0 or d.eps <= 0:
+            raise UserError(f"dynamic.lr={d.lr} and dynamic.decay={d.decay} must be finite and >= 0, dynamic.eps="
+                            f"{d.eps} finite and > 0")
+        if d.stat_batches is not None and d.stat_batches < 1:
+            raise UserError(f"dynamic.stat_batches={d.stat_batches} must be >= 1 or null (= all training batches): "
+                            f"the update divides by these gradient statistics")
         if d.segment is not None and d.segment < 1:
             raise UserError(f"dynamic.segment={d.segment} must be >= 1 or null (= bptt)")
         if cfg.batch_size not in (None, 1):
             raise UserError(f"dynamic evaluation reads the text as one stream: batch_size={cfg.batch_size} would "
                             f"adapt the weights on later text (the next columns) before scoring earlier text; "
                             f"leave batch_size unset (= 1)")
+    if cfg.tune_tokens is not None and cfg.tune_tokens < 100:
+        raise UserError(f"tune_tokens={cfg.tune_tokens} must be >= 100 or null (= all of valid)")
     if cfg.tune and not (c.enabled or d.enabled):
         raise UserError("tune=true tunes the cache or dynamic evaluation: add cache.enabled=true and/or "
                         "dynamic.enabled=true")
@@ -95,7 +101,8 @@ def run(cfg: EvaluateConfig) -> dict:
     if given is not None and not 0 <= given < bptt:
         raise UserError(f"eval_context={given} must be in [0, bptt={bptt}) (null = the checkpoint's, else bptt // 2)")
     context = eval_context(loaded.model, given, bptt)
-    out = {"checkpoint": str(path), "split": cfg.split, "tokens": int((data.size(0) - 1) * data.size(1)),
+    out = {"checkpoint": str(path), "weights": loaded.weights, "split": cfg.split,
+           "tokens": int((data.size(0) - 1) * data.size(1)),
            "batch_size": bsz, "bptt": bptt, "eval_context": 0 if adaptive else context}  # (cache/dynamic: a stream)
     t0 = time.perf_counter()
     if not adaptive:
@@ -103,6 +110,12 @@ def run(cfg: EvaluateConfig) -> dict:
                    context=context)
     else:
         loss = _adapted(cfg, loaded, files, data, bsz, bptt, device, precision, out)
+    if not math.isfinite(loss):
+        bad = [k for k, v in loaded.model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+        why = f"its weights are not finite ({', '.join(bad[:3])}): the run that wrote it diverged" if bad else \
+            "the model's log-probabilities overflow"
+        raise UserError(f"{path} scores {cfg.split} to a loss of {loss}: {why}; evaluate an earlier checkpoint, e.g. "
+                        f"checkpoints/best.pt")
     out.update(loss=loss, perplexity=ppl(loss), bits_per_word=loss / math.log(2), oov_rate=oov_rate, oov_tokens=oov,
                seconds=round(time.perf_counter() - t0, 3))
     return out
@@ -173,7 +186,7 @@ def config_from(dc: Any) -> EvaluateConfig:
 
 def _task(dc: Any) -> dict:
     result = run(config_from(dc))
-    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")  # (non-finite figures were refused above)
     sys.stdout.flush()
     return result
 

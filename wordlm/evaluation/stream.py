@@ -15,6 +15,7 @@ import torch
 
 from .. import runtime
 from ..config import CacheConfig as CacheSettings
+from ..config import UserError
 from ..data import get_window
 from ..models import detach_state
 from .cache import CACHE_GRID, Cache  # noqa: F401  (the stream's parts, importable from here)
@@ -43,6 +44,10 @@ def token_nll(model: torch.nn.Module, data: torch.Tensor, segment: int, device: 
                         scored = mem.target_logp(aux["hidden"].detach(), logp.detach(), y) if mem else tok.detach()
                     out.append(-scored.double())
                 if dynamic:
+                    if not bool(scored.isfinite().all()):  # (a sync per segment: the segment's backward is one too)
+                        raise UserError(f"dynamic evaluation diverged at segment {len(out)} (token {i}): the adapted "
+                                        f"weights are no longer finite; lower dynamic.lr (now {dynamic.s.lr:g}) or "
+                                        f"raise dynamic.decay (now {dynamic.s.decay:g})")
                     dynamic.update()
                 state = detach_state(state)
     finally:

@@ -9,6 +9,7 @@ step and write ``last.pt``; a second stops at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -86,6 +87,10 @@ class CheckpointManager:
         """
         self.last_time = time.monotonic()  # on every rank: they vote on timed checkpoints
         state = self.trainer_state(trainer)
+        if weights is None:  # the model's own weights; where a callback validates others (averages), those too
+            validated = _validated_weights(trainer)
+            if validated is not None:
+                state["validated_model"] = validated
         failure = ""
         if self.main:
             try:
@@ -210,6 +215,18 @@ class CheckpointManager:
                     signal.signal(s, h)
 
         return _Ctx()
+
+
+def _validated_weights(trainer: "Trainer") -> Optional[Dict[str, torch.Tensor]]:
+    """The weights validation would use now, where a callback swaps in others (NT-ASGD's averages): what
+    evaluate, generate and export score from last.pt. None where they are the model's own."""
+    contexts = [cb.eval_weights(trainer) for cb in trainer.callbacks]
+    if all(isinstance(c, contextlib.nullcontext) for c in contexts):
+        return None
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        return trainer.weights_on_cpu()
 
 
 def _load_optimizer(trainer: "Trainer", state: Dict[str, Any], where: str) -> None:
