@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, run_cli, train_args, write_corpus
+from conftest import ROOT, run_cli, train_args, write_corpus
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PREFIXES = ("python train.py", "python generate.py", "python evaluate.py", "python export.py", "python -m wordlm.",
