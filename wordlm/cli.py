@@ -116,8 +116,10 @@ def _suggest(ex: BaseException) -> str:
     section, key = m.group(1).split(".", 1)
     if section == "model":  # every model type's keys
         owners = [n for n in models.names() if key in {f.name for f in dataclasses.fields(models.config_class(n))}]
-        if owners:
+        if owners and len(owners) < len(models.names()):
             return f" model.{key} is a setting of model={'|'.join(owners)} only."
+        if owners:  # a key of every type: the value is what is wrong
+            return ""
         names = sorted({f.name for n in models.names() for f in dataclasses.fields(models.config_class(n))})
     elif section in _SECTIONS:
         names = [f.name for f in dataclasses.fields(_SECTIONS[section])]
@@ -208,7 +210,10 @@ def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], A
             except UserError as e:  # raised outside Hydra's reporter (e.g. while it set up)
                 die(str(e))
         except KeyboardInterrupt:  # Ctrl-C before training started (imports, data preparation)
-            leave(Exit(130, "interrupted by Ctrl-C before training started; nothing to resume"))
+            what = ("before training started; nothing to resume" if config_name == "config"
+                    else f"{config_name} wrote nothing")
+            leave(Exit(130, f"interrupted by Ctrl-C {what}" if config_name == "config"
+                       else f"interrupted by Ctrl-C; {what}"))
 
     return main
 
@@ -286,7 +291,8 @@ def _train(dc: DictConfig) -> dict:
         raise Exit(1, "error: " + message) from None
     except KeyboardInterrupt:
         last = run_dir / "checkpoints" / "last.pt"
-        where = f"the last complete checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        where = (f"the last complete checkpoint is {last}. Resume with: {_resume_command(run_dir, last, d)}"
+                 if last.is_file() else "no checkpoint was written yet")
         message = f"stopped at once by Ctrl-C; {where}"
         if started:
             log.warning("%s", message)
@@ -391,6 +397,10 @@ def write_run_record(run_dir: Path, dc: DictConfig) -> None:
 def _resume_hint(e, run_dir: Path, d) -> str:
     """The exact command that resumes an interrupted run."""
     name = signal.Signals(e.signum).name
+    return f"stopped by {name} after step {e.step}; saved {e.path}. Resume with: {_resume_command(run_dir, e.path, d)}"
+
+
+def _resume_command(run_dir: Path, path: Path, d) -> str:
     args = [a for a in sys.argv[1:] if not a.startswith("trainer.resume=")]
     if not any(a.startswith("hydra.run.dir=") for a in args):
         args.append(f"hydra.run.dir={run_dir}")
@@ -398,8 +408,7 @@ def _resume_hint(e, run_dir: Path, d) -> str:
     launcher = ["python", prog] if prog.endswith(".py") else [Path(prog).name]
     if d.enabled:
         launcher = ["torchrun", f"--nproc_per_node={d.world}", prog]
-    cmd = shlex.join([*launcher, *args, f"trainer.resume={e.path}"])
-    return f"stopped by {name} after step {e.step}; saved {e.path}. Resume with: {cmd}"
+    return shlex.join([*launcher, *args, f"trainer.resume={path}"])
 
 
 def _is_peer_failure(e: BaseException) -> bool:

@@ -48,9 +48,10 @@ def resume_conflicts(saved: dict, cfg: Config) -> List[tuple]:
     old = {**flatten(to_dict(from_dict(saved))), **flatten(saved)}
     new = flatten(to_dict(cfg))
     out = []
+    stateless = models.model_class(cfg.model.name).stateless
     for key, value in new.items():
-        if key in RESUMABLE or key not in old:
-            continue
+        if key in RESUMABLE or key not in old or (key == "trainer.eval_context" and not stateless):
+            continue  # (eval_context only shapes a stateless model's evaluation windows)
         a, b = old[key], value
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
             same = float(a) == float(b)

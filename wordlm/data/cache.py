@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import UserError
 from . import fetch
 from .corpus import SPLITS, Corpus
 from .vocab import Vocab
@@ -42,9 +43,13 @@ def content_key(files: dict[str, Path]) -> str:
     for split in SPLITS:
         path = files[split]
         h.update(f"{split}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:  # a read: not the run folder's fault
+            raise UserError(f"cannot read {path}: {e.strerror or e}; make it readable (e.g. chmod a+r) or point "
+                            f"data.dir elsewhere") from None
     return h.hexdigest()
 
 

@@ -36,9 +36,12 @@ class Corpus:
         return getattr(self, name)
 
 
-def check_folder(folder: Path, hint: str = "") -> dict[str, Path]:
-    """The three split files of ``folder``, or a UserError naming the folder and the files expected."""
-    files = {s: folder / f"{s}.txt" for s in SPLITS}
+def check_folder(folder: Path, hint: str = "", splits=SPLITS) -> dict[str, Path]:
+    """The split files of ``folder`` (all three unless ``splits`` says which are needed), or a UserError naming the
+    folder and the files expected."""
+    if not folder.is_dir():
+        raise UserError(f"corpus folder {folder} does not exist" + (f" ({hint})" if hint else "; check data.dir"))
+    files = {s: folder / f"{s}.txt" for s in splits}
     for p in files.values():
         if p.is_dir():
             raise UserError(f"{p} is a folder, not a text file: the corpus folder {folder} must hold train.txt, "
@@ -46,7 +49,8 @@ def check_folder(folder: Path, hint: str = "") -> dict[str, Path]:
     missing = [p.name for p in files.values() if not p.is_file()]
     if missing:
         raise UserError(
-            f"corpus folder {folder} lacks {', '.join(missing)}: it must hold train.txt, valid.txt and test.txt"
+            f"corpus folder {folder} lacks {', '.join(missing)}: it must hold "
+            f"{', '.join(s + '.txt' for s in splits)}"
             + (f" ({hint})" if hint else "")
         )
     for p in files.values():

@@ -77,7 +77,8 @@ def run(cfg: EvaluateConfig) -> dict:
     loaded = load_model(path, device)
     data_cfg = cfg.data if cfg.data is not None else loaded.config.data
     folder = Path(prepare(data_cfg))  # holds train/valid/test.txt (fetched first where the data set says how)
-    files = check_folder(folder)
+    needed = {cfg.split} | ({"train"} if cfg.dynamic.enabled else set()) | ({"valid", "test"} if cfg.tune else set())
+    files = check_folder(folder, splits=[s for s in SPLITS if s in needed])
     ids = encode_file(files[cfg.split], loaded.vocab)  # (N,) with the checkpoint's vocabulary, never a rebuilt one
     # Out of vocabulary: words the checkpoint does not know (the text's own literal <unk> tokens are not).
     unk = loaded.vocab.itos[loaded.vocab.unk]

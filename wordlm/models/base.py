@@ -25,6 +25,9 @@ class LanguageModel(nn.Module):
     # Whether ``forward`` takes ``targets=`` (see the module's docstring). A model that does not is given the
     # full log-probs' gather instead, so a new model type needs only the log-probs.
     scores_targets: bool = False
+    # Whether the model carries no state between windows (the transformer): its evaluation windows then take
+    # history from the previous window (trainer.eval_context); a model with a state carries it instead.
+    stateless: bool = False
 
     def init_state(self, batch_size: int, device=None) -> Any:  # pragma: no cover - interface
         raise NotImplementedError

@@ -98,6 +98,7 @@ def sinusoids(length: int, dim: int, device=None) -> torch.Tensor:
 class TransformerModel(LanguageModel):
     incremental = True  # decode(): one token at a time through the same weights, with a key/value cache
     scores_targets = True
+    stateless = True
 
     def __init__(self, cfg: TransformerConfig, vocab_size: int):
         super().__init__()

@@ -310,10 +310,15 @@ class RunLock:
             if same:  # not a file that its previous holder unlinked while we waited
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]}
-        os.write(fd, (json.dumps(info) + "\n").encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(info) + "\n").encode())
+        except OSError as e:  # a full disk: the lock is held, its note about the holder is what cannot be written
+            os.close(fd)
+            raise UserError(f"cannot write in the run folder {self.path.parent}: {e.strerror or e}; free space or "
+                            f"choose another hydra.run.dir") from None
         self.fd = fd
         return self
 
