@@ -55,7 +55,7 @@ def test_no_position_sees_the_future(name, method):
     cache = CacheConfig(window=30, theta=1.0, lam=0.3) if method in ("cache", "both") else None
 
     def scores(data):
-        dyn = adaptive.Dynamic(model, DynamicConfig(lr=0.05, decay=0.01), ms) if method != "cache" else None
+        dyn = adaptive.Dynamic(model, DynamicConfig(lr=0.01, decay=0.01), ms) if method != "cache" else None
         return adaptive.token_nll(model, data, 5, CPU, cache=cache, dynamic=dyn)[:, 0]
 
     a = stream(60, seed=3)

@@ -244,10 +244,10 @@ class Trainer:
                  f"{self.corpus.split('valid').numel():,}")
         with self.state.timed("eval"), self.eval_weights():
             val = self.evaluate("valid")
-            if not math.isfinite(val):
+            if not math.isfinite(ppl(val)):  # NaN, inf, or a loss whose perplexity overflows (>= 700 nats)
                 self.stop_reason = "diverged"
-                raise UserError(f"the validation loss is {val} at step {st.step}: training diverged; lower optim.lr "
-                                f"(now {self.cfg.optim.lr:g}) or trainer.clip, or use trainer.precision=fp32"
+                raise UserError(f"the validation loss is {val:.4g} at step {st.step}: training diverged; lower "
+                                f"optim.lr (now {self.cfg.optim.lr:g}) or trainer.clip, or use trainer.precision=fp32"
                                 + (f"; the best weights so far are in {self.ckpt.best}" if st.best_val is not None
                                    else ""))
             improved = st.best_val is None or val < st.best_val

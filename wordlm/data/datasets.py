@@ -203,14 +203,15 @@ def fetch_source(cfg: DataConfig, src: Source, folder: Path) -> None:
     log.info("%s is ready in %s", src.title, folder)
 
 
-def prepare(cfg: DataConfig) -> Path:
-    """The corpus folder for ``cfg``, downloading a named data set first when its files are missing."""
+def prepare(cfg: DataConfig, splits=SPLITS) -> Path:
+    """The corpus folder for ``cfg``, downloading a named data set first when its files are missing; ``splits``:
+    the files a caller will read (all three unless it says)."""
     folder = corpus_dir(cfg)
     if cfg.name == "custom":
         if cfg.url:
             raise UserError("data.url is for the named data sets (wikitext2, wikitext103, ptb); with data=custom "
                             "put train.txt, valid.txt and test.txt in data.dir yourself")
-        check_folder(folder)
+        check_folder(folder, splits=splits)
         return folder
     src = SOURCES[cfg.name]
     if not all((folder / f"{s}.txt").is_file() for s in SPLITS):

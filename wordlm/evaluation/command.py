@@ -62,8 +62,8 @@ def validate(cfg: EvaluateConfig) -> None:
             raise UserError(f"dynamic evaluation reads the text as one stream: batch_size={cfg.batch_size} would "
                             f"adapt the weights on later text (the next columns) before scoring earlier text; "
                             f"leave batch_size unset (= 1)")
-    if cfg.tune_tokens is not None and cfg.tune_tokens < 100:
-        raise UserError(f"tune_tokens={cfg.tune_tokens} must be >= 100 or null (= all of valid)")
+    if cfg.tune_tokens is not None and cfg.tune_tokens < 1:
+        raise UserError(f"tune_tokens={cfg.tune_tokens} must be >= 1 or null (= all of valid)")
     if cfg.tune and not (c.enabled or d.enabled):
         raise UserError("tune=true tunes the cache or dynamic evaluation: add cache.enabled=true and/or "
                         "dynamic.enabled=true")
@@ -76,9 +76,10 @@ def run(cfg: EvaluateConfig) -> dict:
     precision = runtime.resolve_precision(cfg.precision, device, key="precision")
     loaded = load_model(path, device)
     data_cfg = cfg.data if cfg.data is not None else loaded.config.data
-    folder = Path(prepare(data_cfg))  # holds train/valid/test.txt (fetched first where the data set says how)
     needed = {cfg.split} | ({"train"} if cfg.dynamic.enabled else set()) | ({"valid", "test"} if cfg.tune else set())
-    files = check_folder(folder, splits=[s for s in SPLITS if s in needed])
+    needed = [s for s in SPLITS if s in needed]
+    folder = Path(prepare(data_cfg, needed))  # (a named data set is fetched first where its files are missing)
+    files = check_folder(folder, splits=needed)
     ids = encode_file(files[cfg.split], loaded.vocab)  # (N,) with the checkpoint's vocabulary, never a rebuilt one
     # Out of vocabulary: words the checkpoint does not know (the text's own literal <unk> tokens are not).
     unk = loaded.vocab.itos[loaded.vocab.unk]
@@ -111,10 +112,10 @@ def run(cfg: EvaluateConfig) -> dict:
                    context=context)
     else:
         loss = _adapted(cfg, loaded, files, data, bsz, bptt, device, precision, out)
-    if not math.isfinite(loss):
+    if not math.isfinite(ppl(loss)):  # NaN, inf, or a perplexity that overflows
         bad = [k for k, v in loaded.model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
         why = f"its weights are not finite ({', '.join(bad[:3])}): the run that wrote it diverged" if bad else \
-            "the model's log-probabilities overflow"
+            "the model's perplexity overflows"
         raise UserError(f"{path} scores {cfg.split} to a loss of {loss}: {why}; evaluate an earlier checkpoint, e.g. "
                         f"checkpoints/best.pt")
     out.update(loss=loss, perplexity=ppl(loss), bits_per_word=loss / math.log(2), oov_rate=oov_rate, oov_tokens=oov,

@@ -44,10 +44,12 @@ def token_nll(model: torch.nn.Module, data: torch.Tensor, segment: int, device: 
                         scored = mem.target_logp(aux["hidden"].detach(), logp.detach(), y) if mem else tok.detach()
                     out.append(-scored.double())
                 if dynamic:
-                    if not bool(scored.isfinite().all()):  # (a sync per segment: the segment's backward is one too)
+                    # NaN, inf, or a segment whose perplexity overflows (a mean NLL over 700 nats): the adapted
+                    # weights blew up (a sync per segment, as the segment's backward is one too)
+                    if not float(scored.double().mean()) > -700:
                         raise UserError(f"dynamic evaluation diverged at segment {len(out)} (token {i}): the adapted "
-                                        f"weights are no longer finite; lower dynamic.lr (now {dynamic.s.lr:g}) or "
-                                        f"raise dynamic.decay (now {dynamic.s.decay:g})")
+                                        f"weights blew up (perplexity over e^700 or NaN); lower dynamic.lr (now "
+                                        f"{dynamic.s.lr:g}) or raise dynamic.decay (now {dynamic.s.decay:g})")
                     dynamic.update()
                 state = detach_state(state)
     finally:
