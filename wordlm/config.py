@@ -111,6 +111,9 @@ class OptimConfig:
     ntasgd: bool = False  # NT-ASGD: average the weights from the first validation that fails the nonmono test on
     nonmono: int = 5  # NT-ASGD: the test is "valid loss > the best of all checks but the last nonmono"
     finetune: bool = False  # average from the first step and stop when the nonmono test fails (AWD's finetune)
+    # average the weights (the mean of every iterate from then on, as NT-ASGD) once this fraction of the run's
+    # budget is spent: its steps or trainer.max_minutes, whichever runs out first; null = only NT-ASGD's trigger
+    average_from: Optional[float] = None
 
 
 @dataclass
@@ -143,6 +146,9 @@ class TrainerConfig:
     max_bad_steps: int = 20  # stop after this many non-finite steps in a row
     deterministic: bool = False  # deterministic algorithms (CUDA)
     sample_words: int = 50  # words of sample text logged to TensorBoard each epoch; 0 = off
+    # after the static test: also score the test split of best.pt with the neural cache, dynamic evaluation or
+    # both (each alone and together), at wordlm-evaluate's defaults: static | cache | dynamic | both
+    final_eval: str = "static"
     progress: bool = True  # progress bars on a terminal
     dist_timeout_s: float = 300.0  # collective timeout before a stuck rank ends the job
     debug_nan_at_step: Optional[int] = None  # fault injection: make the loss NaN from this step on
@@ -256,6 +262,8 @@ def validate(cfg: Config) -> None:
     _check(t.precision in PRECISIONS, f"trainer.precision='{t.precision}': use {'|'.join(PRECISIONS)}")
     _check(t.eval_precision in PRECISIONS,
            f"trainer.eval_precision='{t.eval_precision}': use {'|'.join(PRECISIONS)}")
+    _check(t.final_eval in ("static", "cache", "dynamic", "both"),
+           f"trainer.final_eval='{t.final_eval}': use static|cache|dynamic|both")
     _check(t.threads is None or t.threads >= 1, f"trainer.threads={t.threads} must be >= 1 or null")
     _check(t.eval_context is None or 0 <= t.eval_context < t.bptt,
            f"trainer.eval_context={t.eval_context} must be in [0, trainer.bptt={t.bptt}) or null (= bptt // 2)")
@@ -282,6 +290,9 @@ def validate(cfg: Config) -> None:
            f"optim.schedule_over=time decays the cosine schedule over the time budget: it needs optim.schedule=cosine "
            f"and trainer.max_minutes (got schedule={o.schedule}, max_minutes={t.max_minutes})")
     _check(o.nonmono >= 1, f"optim.nonmono={o.nonmono} must be >= 1")
+    _check(o.average_from is None or 0 <= o.average_from < 1,
+           f"optim.average_from={o.average_from} must be in [0, 1) (the share of the budget spent before averaging "
+           f"starts) or null")
     _check(o.name == "sgd" or not (o.ntasgd or o.finetune),
            f"optim.{'ntasgd' if o.ntasgd else 'finetune'}=true averages SGD's iterates (NT-ASGD): it needs "
            f"optim.name=sgd, not {o.name}; for AdamW choose optim=adamw")
@@ -315,7 +326,7 @@ def validate(cfg: Config) -> None:
 # precision) and must equal the checkpoint's: see :func:`resume_conflicts`.
 RESUMABLE = frozenset({
     "trainer.epochs", "trainer.max_steps", "trainer.max_minutes", "trainer.log_interval", "trainer.eval_every",
-    "trainer.target_ppl",
+    "trainer.target_ppl", "trainer.final_eval",
     "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.device", "trainer.threads", "trainer.progress",
     "trainer.compile", "trainer.resume", "trainer.init_from", "trainer.sample_words", "trainer.dist_timeout_s",
     "trainer.max_bad_steps", "trainer.deterministic", "trainer.debug_nan_at_step", "trainer.debug_nan_steps",

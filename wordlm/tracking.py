@@ -31,7 +31,7 @@ class NullTracker:
 
 
 # The run's results, which TensorBoard's HPARAMS shows as its metric columns; written to the hparams run.
-HPARAM_METRICS = ("valid/best_ppl", "test/ppl", "test/loss")
+HPARAM_METRICS = ("valid/best_ppl", "test/ppl", "test/loss", "test/ppl_cache", "test/ppl_dynamic", "test/ppl_both")
 
 
 class Tracker(NullTracker):

@@ -34,6 +34,7 @@ from .config import Config, UserError
 from .data import Corpus, get_window, num_windows, shard
 from .data.corpus import check_trainable
 from .distributed import Dist
+from .evaluation import stream
 from .evaluation.scoring import eval_context, nll, ppl
 from .models import build_model, count_params, model_class, train_flops_per_token
 from .optim import Schedule, build_optimizer
@@ -181,11 +182,17 @@ class Trainer:
         if st.validated_at != st.step:
             self._stop_validation()
         test = self._test()
-        return self.report.finish(test, self.state.last_phase_s)
+        seconds = self.state.last_phase_s
+        adapted = {}
+        if tc.final_eval != "static" and self.dist.main:  # (the best weights are in the model now)
+            adapted = stream.adapted_scores(self.model, self.corpus.train, self.corpus.split("test"), tc.bptt,
+                                            self.device, tc.final_eval, self.eval_precision)
+        return self.report.finish(test, seconds, adapted)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
         """One optimizer step on the carried hidden states: (ok, loss, grad_norm) as device tensors."""
-        ok, loss, gnorm, self.states = self.step_fn(x, y, self.states, inject_nan=self._inject_nan())
+        nan = _nan_injected(self.cfg.trainer, self.state.step)
+        ok, loss, gnorm, self.states = self.step_fn(x, y, self.states, inject_nan=nan)
         return ok, loss, gnorm
 
     def _limit_reached(self) -> Optional[str]:
@@ -304,10 +311,6 @@ class Trainer:
                 + (f"; the last good checkpoint is {last}" if last else "; no checkpoint was written yet")
             )
 
-    def _inject_nan(self) -> bool:
-        at = self.cfg.trainer.debug_nan_at_step
-        return at is not None and at <= self.state.step < at + max(1, self.cfg.trainer.debug_nan_steps)
-
     # ------------------------------------------------------------------ handles for the parts and callbacks
     def evaluate(self, split: str) -> float:
         """Token-weighted mean NLL of ``split`` under the model as it is now (reduced across ranks)."""
@@ -368,3 +371,9 @@ def _agree(dist: Dist, step: int, device: torch.device, timed: bool, stop: bool,
     flags = dist.all_max(torch.tensor([float(timed), float(stop), float(budget), spent], device=device,
                                       dtype=torch.float64))
     return bool(flags[0]), bool(flags[1]), bool(flags[2]), float(flags[3])
+
+
+def _nan_injected(tc, step: int) -> bool:
+    """Fault injection (trainer.debug_nan_at_step): is this step's loss made NaN?"""
+    return tc.debug_nan_at_step is not None and tc.debug_nan_at_step <= step < tc.debug_nan_at_step + max(
+        1, tc.debug_nan_steps)

@@ -14,9 +14,9 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import runtime
+from ..config import CacheConfig, DynamicConfig, UserError
 from ..config import CacheConfig as CacheSettings
-from ..config import UserError
-from ..data import get_window
+from ..data import batchify, get_window
 from ..models import detach_state
 from .cache import CACHE_GRID, Cache  # noqa: F401  (the stream's parts, importable from here)
 from .dynamic import DYNAMIC_GRID_DECAY, DYNAMIC_GRID_LR, Dynamic, gradient_stats, rnn_backward_ok  # noqa: F401
@@ -63,3 +63,26 @@ def evaluate(model, data, segment, device, precision="fp32", cache=None, dynamic
     nll = token_nll(model, data, segment, device, precision, cache, dynamic)
     loss = float(nll.mean())
     return {"loss": loss, "seconds": time.perf_counter() - t}
+
+
+FINAL_EVAL = ("static", "cache", "dynamic", "both")
+
+
+def adapted_scores(model, train_ids: torch.Tensor, ids: torch.Tensor, bptt: int, device: torch.device,
+                   methods: str, precision: str = "fp32") -> Dict[str, float]:
+    """``trainer.final_eval``: the mean NLL of ``ids`` (one stream) with the cache (``"cache"``), dynamic
+    evaluation (``"dynamic"``) or ``"both"`` (each alone, and together), at their default settings; the gradient
+    statistics from ``train_ids``. Keys: ``cache``, ``dynamic``, ``both``, and ``seconds``."""
+    t = time.perf_counter()
+    data = batchify(ids, 1, device)
+    want = {"cache": ["cache"], "dynamic": ["dynamic"], "both": ["cache", "dynamic", "both"]}[methods]
+    dyn_cfg = DynamicConfig(enabled=True)
+    segment = dyn_cfg.segment or bptt
+    ms = gradient_stats(model, train_ids, segment, device, precision) if set(want) & {"dynamic", "both"} else None
+    out: Dict[str, float] = {}
+    for m in want:
+        cache = CacheConfig(enabled=True) if m in ("cache", "both") else None
+        dyn = Dynamic(model, dyn_cfg, ms) if m in ("dynamic", "both") else None
+        out[m] = evaluate(model, data, bptt if dyn is None else segment, device, precision, cache, dyn)["loss"]
+    out["seconds"] = time.perf_counter() - t
+    return out

@@ -60,10 +60,14 @@ class NTASGD(Callback):
     ``finetune=False``: averaging starts at the first validation that fails the nonmono test.
     ``finetune=True`` (the reference's finetune.py, run with ``trainer.init_from`` of a trained model):
     averaging from the first step, and the run stops at the first validation that fails the test.
+    ``average_from=F`` (``optim.average_from``): averaging also starts once a fraction F of the run's budget is
+    spent — its steps or its ``max_minutes``, whichever runs out first — if the trigger has not fired before.
+    ``trigger=False``: no nonmono trigger at all (averaging only from ``average_from``).
     """
 
-    def __init__(self, nonmono: int, finetune: bool = False):
-        self.nonmono, self.finetune = nonmono, finetune
+    def __init__(self, nonmono: int, finetune: bool = False, average_from: Optional[float] = None,
+                 trigger: bool = True):
+        self.nonmono, self.finetune, self.average_from, self.trigger = nonmono, finetune, average_from, trigger
         self.averaging = finetune
         self.history: List[float] = []  # every validation loss so far (the reference's best_val_loss list)
         self.count = 0  # steps averaged
@@ -90,6 +94,13 @@ class NTASGD(Callback):
             trainer.save_checkpoint("best", trainer.best_weights)
 
     def on_step_end(self, trainer: "Trainer") -> None:
+        if not self.averaging and self.average_from is not None:
+            # the share of the budget spent: steps, or the time budget as the ranks last agreed on it
+            spent = max(trainer.step / max(1, trainer.total_steps), trainer.schedule.time_frac)
+            if spent >= self.average_from:
+                log.info("averaging the weights from step %d on: %.0f%% of the budget is spent "
+                         "(optim.average_from=%g)", trainer.step, 100 * spent, self.average_from)
+                self.averaging, self.switched_at = True, trainer.step
         if not self.averaging:
             return
         self.count += 1
@@ -100,7 +111,7 @@ class NTASGD(Callback):
                 torch._foreach_lerp_(self.avg, self._params, 1.0 / self.count)
 
     def on_validation_end(self, trainer: "Trainer", loss: float, improved: bool) -> None:
-        fired = nonmono_fired(self.history, loss, self.nonmono)
+        fired = self.trigger and nonmono_fired(self.history, loss, self.nonmono)
         self.history.append(loss)
         if not fired:
             return
@@ -163,8 +174,10 @@ def from_config(cfg: Config) -> Tuple[List[Callback], List[LossTerm], Optional[W
     terms: List[LossTerm] = []
     if cfg.loss.ar or cfg.loss.tar:
         terms.append(ActivationPenalty(cfg.loss.ar, cfg.loss.tar))
-    if cfg.optim.ntasgd or cfg.optim.finetune:
-        callbacks.append(NTASGD(cfg.optim.nonmono, finetune=cfg.optim.finetune))
+    o = cfg.optim
+    if o.ntasgd or o.finetune or o.average_from is not None:
+        callbacks.append(NTASGD(o.nonmono, finetune=o.finetune, average_from=o.average_from,
+                                trigger=o.ntasgd or o.finetune))
     window = VariableWindowLength(cfg.trainer.bptt, cfg.trainer.seed) if cfg.trainer.variable_bptt else None
     return callbacks, terms, window
 
@@ -183,6 +196,8 @@ def describe(cfg: Config) -> str:
         parts.append(f"NT-ASGD (nonmono {cfg.optim.nonmono})")
     if cfg.optim.finetune:
         parts.append(f"finetune (averaged from the start, stop on nonmono {cfg.optim.nonmono})")
+    if cfg.optim.average_from is not None:
+        parts.append(f"weight averaging from {cfg.optim.average_from:g} of the budget")
     if cfg.trainer.variable_bptt:
         parts.append("variable BPTT")
     return ", ".join(parts)

@@ -155,17 +155,29 @@ class RunReport:
             self.t.stop_reason = "error"
         self.partial("failed", error)
 
-    def finish(self, test: float, seconds: float) -> Dict[str, Any]:
+    def finish(self, test: float, seconds: float, adapted: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+        """The run's end: the test figures (and ``adapted``: trainer.final_eval's losses and seconds, apart from
+        the training budget), metrics.json, TensorBoard's test scalars and HPARAMS."""
         t, st = self.t, self.t.state
         t.tick()
         metrics = self.metrics("completed")
         metrics.update(test_loss=test, test_ppl=ppl(test))
         log.info("test loss %.4f | test ppl %.2f | best valid ppl %.2f | %.1f s", test, metrics["test_ppl"],
                  metrics["best_valid_ppl"], seconds)
+        scalars = {"test/loss": test, "test/ppl": metrics["test_ppl"]}
+        for method, loss in (adapted or {}).items():
+            if method != "seconds":
+                metrics[f"test_ppl_{method}"] = scalars[f"test/ppl_{method}"] = ppl(loss)
+                log.info("test ppl with %s: %.2f", {"both": "the cache and dynamic evaluation"}.get(
+                    method, "the cache" if method == "cache" else "dynamic evaluation"), ppl(loss))
+        if adapted:
+            metrics["final_eval_seconds"] = round(adapted["seconds"], 3)
+            log.info("final evaluation (trainer.final_eval=%s): %.1f s, apart from the training budget",
+                     t.cfg.trainer.final_eval, adapted["seconds"])
         log.info("done: %d steps, %.2f epochs in %.1f min (training %.1f, evaluation %.1f, checkpoints %.1f); "
                  "stopped by %s", st.step, t.epochs_done, st.seconds / 60, metrics["train_seconds"] / 60,
                  st.eval_seconds / 60, st.checkpoint_seconds / 60, t.stop_reason)
-        t.tracker.scalars({"test/loss": test, "test/ppl": metrics["test_ppl"]}, st.step)
+        t.tracker.scalars(scalars, st.step)
         t.tracker.hparams_end("completed")
         try:
             t.tracker.metrics(metrics)

@@ -1,0 +1,98 @@
+"""What a time- or step-budgeted run gets at its end (issue 27): weight averaging that starts at a share of the
+budget, the final weights competing for best.pt, and the adapted test scores beside the static one."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from wordlm import checkpoint
+from wordlm.config import Config, OptimConfig, TrainerConfig, UserError, validate
+from wordlm.data import read_corpus
+from wordlm.models import model_config
+from wordlm.tracking import Tracker
+from wordlm.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _cfg(optim=None, **trainer):
+    kw = dict(batch_size=4, eval_batch_size=4, bptt=8, epochs=3, log_interval=5, progress=False, sample_words=0,
+              threads=1, device="cpu", precision="fp32", compile=False)
+    kw.update(trainer)
+    return Config(model=model_config("lstm", emsize=16, nhid=16, nlayers=1, dropout=0.2),
+                  optim=optim or OptimConfig(lr=5.0, schedule="constant"), trainer=TrainerConfig(**kw))
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+def test_average_from_outside_0_1_is_refused(value):
+    with pytest.raises(UserError, match=rf"optim.average_from={value} must be in \[0, 1\)"):
+        validate(_cfg(optim=OptimConfig(average_from=value)))
+
+
+def test_final_eval_unknown_is_refused():
+    with pytest.raises(UserError, match="trainer.final_eval='dyn': use static|cache|dynamic|both"):
+        validate(_cfg(final_eval="dyn"))
+
+
+def test_averaging_starts_at_its_share_of_the_step_budget_and_validation_uses_the_average(corpus, tmp_path):
+    t = Trainer(_cfg(optim=OptimConfig(lr=5.0, schedule="constant", average_from=0.5), max_steps=20),
+                read_corpus(corpus), tmp_path)
+    m = t.fit()
+    (avg,) = t.callbacks
+    assert avg.switched_at == 10 and avg.count == 11  # from step 10 of 20: the mean of the iterates 10 to 20
+    loaded = checkpoint.load_model(tmp_path / "checkpoints" / "last.pt")
+    assert loaded.weights.startswith("averaged")
+    assert m["best_valid_ppl"] == pytest.approx(min(c["valid_ppl"] for c in m["curve"]), rel=1e-3)
+
+
+def test_averaging_from_a_share_of_the_time_budget_when_it_runs_out_first(corpus, tmp_path):
+    cfg = _cfg(optim=OptimConfig(lr=5.0, schedule="constant", average_from=0.0), max_minutes=10.0)
+    t = Trainer(cfg, read_corpus(corpus), tmp_path)
+    t.schedule.time_frac = 0.0
+    t.cfg.trainer.max_steps = 3
+    t.fit()
+    assert t.callbacks[0].switched_at == 1  # 0 % of the budget: from the first step
+
+
+def test_the_final_weights_of_a_budget_stop_compete_for_best_pt(corpus, tmp_path):
+    # The stop lands mid-epoch, after the scheduled validations at steps 10 and 20 (an epoch is ~30 steps).
+    t = Trainer(_cfg(max_steps=25, eval_every=10), read_corpus(corpus), tmp_path)
+    m = t.fit()
+    steps = [c["step"] for c in m["curve"]]
+    assert steps == [10, 20, 25]
+    best = min(m["curve"], key=lambda c: c["valid_ppl"])
+    assert m["best_valid_ppl"] == pytest.approx(best["valid_ppl"], rel=1e-3)
+    if best["step"] == 25:  # the final weights won: they are best.pt, and the test scored them
+        ck = checkpoint.load(tmp_path / "checkpoints" / "best.pt")
+        assert all(torch.equal(ck["model"][k], v.cpu()) for k, v in t.model.state_dict().items())
+        assert ck["trainer"]["step"] == 25
+
+
+def test_final_eval_scores_the_test_split_with_the_adapted_methods_and_records_them(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t = Trainer(_cfg(max_steps=12, final_eval="both"), read_corpus(corpus), tmp_path, Tracker(tmp_path))
+    m = t.fit()
+    t.tracker.close()
+    for k in ("test_ppl_cache", "test_ppl_dynamic", "test_ppl_both"):
+        assert math.isfinite(m[k]) and m[k] > 1
+    assert m["final_eval_seconds"] > 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["test_ppl_dynamic"] == m["test_ppl_dynamic"]
+    ea = EventAccumulator(str(tmp_path / "tb" / "hparams"))
+    ea.Reload()
+    assert {"test/ppl", "test/ppl_cache", "test/ppl_dynamic", "test/ppl_both"} <= set(ea.Tags()["scalars"])
+    # the same figure as wordlm-evaluate's stream scoring of best.pt at its defaults
+    from wordlm.config import DynamicConfig
+    from wordlm.data import batchify
+    from wordlm.evaluation import stream
+
+    loaded = checkpoint.load_model(tmp_path / "checkpoints" / "best.pt")
+    corpus_ = read_corpus(corpus)
+    ms = stream.gradient_stats(loaded.model, corpus_.train, 8, torch.device("cpu"), "fp32")
+    dyn = stream.Dynamic(loaded.model, DynamicConfig(enabled=True), ms)
+    loss = stream.evaluate(loaded.model, batchify(corpus_.test, 1), 8, torch.device("cpu"), dynamic=dyn)["loss"]
+    assert math.exp(loss) == pytest.approx(m["test_ppl_dynamic"], rel=1e-5)
