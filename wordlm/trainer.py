@@ -185,8 +185,9 @@ class Trainer:
         seconds = self.state.last_phase_s
         adapted = {}
         if tc.final_eval != "static" and self.dist.main:  # (the best weights are in the model now)
-            adapted = stream.adapted_scores(self.model, self.corpus.train, self.corpus.split("test"), tc.bptt,
-                                            self.device, tc.final_eval, self.eval_precision)
+            with self.state.timed("eval"):  # (evaluation seconds: never counted as training)
+                adapted = stream.adapted_scores(self.model, self.corpus.train, self.corpus.split("test"), tc.bptt,
+                                                self.device, tc.final_eval, self.eval_precision)
         return self.report.finish(test, seconds, adapted)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
