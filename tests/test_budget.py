@@ -96,3 +96,27 @@ def test_final_eval_scores_the_test_split_with_the_adapted_methods_and_records_t
     dyn = stream.Dynamic(loaded.model, DynamicConfig(enabled=True), ms)
     loss = stream.evaluate(loaded.model, batchify(corpus_.test, 1), 8, torch.device("cpu"), dynamic=dyn)["loss"]
     assert math.exp(loss) == pytest.approx(m["test_ppl_dynamic"], rel=1e-5)
+
+
+def test_a_run_resumed_after_a_budget_stop_takes_the_uninterrupted_runs_decisions(corpus, tmp_path):
+    """The stop's validation competes for best.pt but the schedule never judges by it: with plateau divisions
+    around the stop, the resumed run's weights, lr and best equal the uninterrupted run's."""
+    def cfg(max_steps):
+        return _cfg(optim=OptimConfig(lr=20.0, schedule="plateau", anneal=4.0), max_steps=max_steps, eval_every=3,
+                    epochs=5, clip=0.25)
+
+    ref = Trainer(cfg(40), read_corpus(corpus), tmp_path / "ref")
+    m_ref = ref.fit()
+    assert ref.schedule.lr < 20.0  # the plateau schedule divided the lr (so decisions were taken)
+    sched = [c["valid_ppl"] for c in m_ref["curve"] if c["step"] % 3 == 0]
+    for stop in (7, 10, 13, 16, 20, 25, 28, 31):  # off the every-3 schedule: each stop is validated
+        first = Trainer(cfg(stop), read_corpus(corpus), tmp_path / f"run{stop}")
+        first.fit()
+        resumed = Trainer(cfg(40), read_corpus(corpus), tmp_path / f"resumed{stop}")
+        resumed.resume(tmp_path / f"run{stop}" / "checkpoints" / "last.pt")
+        m = resumed.fit()
+        assert resumed.schedule.lr == ref.schedule.lr, stop
+        for k, v in ref.model.state_dict().items():
+            assert torch.equal(resumed.model.state_dict()[k], v), (stop, k)
+        assert resumed.state.scheduled_best == pytest.approx(ref.state.scheduled_best)
+        assert m["best_valid_ppl"] <= min(sched) + 1e-3  # the resumed run's best also counts its stop

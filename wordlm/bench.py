@@ -401,7 +401,7 @@ def check(a: argparse.Namespace) -> None:
     for flag, folder in (("--data", a.data), ("--tokenize", a.tokenize)):
         if folder is not None and not Path(folder).expanduser().is_dir():
             raise UserError(f"{flag} {folder}: no such folder (it must hold train.txt, valid.txt and test.txt)")
-    if a.baseline is not None and not Path(a.baseline).is_file():
+    if a.baseline is not None and not Path(a.baseline).expanduser().is_file():
         raise UserError(f"--baseline {a.baseline}: no such file (the path to seed_baseline.py)")
 
 

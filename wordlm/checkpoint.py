@@ -205,23 +205,28 @@ def load_model(path: os.PathLike, device: Any = "cpu") -> Loaded:
     return Loaded(cfg, vocab, model, ck, "averaged (as the run validated them)" if validated is not None else "trained")
 
 
+# Model keys that change what weights of the same shapes compute (init_from refuses a checkpoint that differs).
+COMPUTES = ("norm_first", "activation", "positions", "bias", "tied", "softmax", "adaptive_input")
+
+
 def init_from(model: torch.nn.Module, vocab: Vocab, path: Any) -> None:
     """``trainer.init_from``: a new run starts from a checkpoint's model weights (nothing else of it)."""
     p = Path(str(path)).expanduser()
     ck = load(p)
     theirs = config_from_dict(ck["config"].get("model"), where=f"trainer.init_from={path}")
     ours = getattr(model, "cfg", None)
-    if ours is not None:
-        shape = [k for k in sorted(set(vars(theirs)) & set(vars(ours))) if "drop" not in k and k != "locked"
-                 and getattr(theirs, k) != getattr(ours, k)]
-        if shape:
-            shown = ", ".join(f"model.{k}: {getattr(theirs, k)!r} there, {getattr(ours, k)!r} here" for k in shape[:4])
+    if ours is not None:  # the shapes are load_weights' to check; these keys change what the same shapes compute
+        keys = [k for k in ("name", *COMPUTES) if hasattr(theirs, k) and hasattr(ours, k)
+                and getattr(theirs, k) != getattr(ours, k)]
+        if keys:
+            shown = ", ".join(f"model.{k}: {getattr(theirs, k)!r} there, {getattr(ours, k)!r} here" for k in keys[:4])
             raise UserError(f"trainer.init_from={path} holds another model ({shown}): use that run's model settings "
                             f"(or its experiment=...)")
     if ck["vocab"] != vocab.itos:
         raise UserError(f"trainer.init_from={path} was trained with another vocabulary ({len(ck['vocab'])} words, "
                         f"this corpus gives {len(vocab)}): use the same data settings as that run")
-    load_weights(model, ck["model"], f"trainer.init_from={path}")
+    validated = ck.get("validated_model")  # (an averaging run's last.pt: the averages it validated)
+    load_weights(model, validated if validated is not None else ck["model"], f"trainer.init_from={path}")
 
 
 def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:

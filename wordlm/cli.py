@@ -6,6 +6,7 @@ caught by the entry point and reported in one line.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -210,10 +211,10 @@ def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], A
             except UserError as e:  # raised outside Hydra's reporter (e.g. while it set up)
                 die(str(e))
         except KeyboardInterrupt:  # Ctrl-C before training started (imports, data preparation)
-            what = ("before training started; nothing to resume" if config_name == "config"
-                    else f"{config_name} wrote nothing")
-            leave(Exit(130, f"interrupted by Ctrl-C {what}" if config_name == "config"
-                       else f"interrupted by Ctrl-C; {what}"))
+            what = {"config": " before training started; nothing to resume",
+                    "generate": "; generate stopped (a file given as outf= is written only when complete: none was)",
+                    }.get(config_name, f"; {config_name} wrote nothing")
+            leave(Exit(130, f"interrupted by Ctrl-C{what}"))
 
     return main
 
@@ -232,12 +233,14 @@ def _train(dc: DictConfig) -> dict:
     from .trainer import Interrupted, Trainer
     from .training.checkpoints import RunLock
 
+    d = distributed.from_env()
+    if not d.main:
+        logging.getLogger("wordlm").setLevel(logging.WARNING)  # (one rank speaks)
     dc, cfg = _run_config(dc)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # A train.log write that fails (a full disk) must not print a traceback per log line: the failure that
     # matters (a checkpoint or events that cannot be written) stops the run with one line.
     logging.raiseExceptions = False
-    d = distributed.from_env()
     device = resolve_device(cfg.trainer.device, d.local_rank)
     distributed.init(d, device, cfg.trainer.dist_timeout_s)
     trainer = None
@@ -246,8 +249,6 @@ def _train(dc: DictConfig) -> dict:
     try:
         if d.enabled:
             run_dir = Path(_broadcast_str(str(run_dir)))  # every rank uses rank 0's run dir
-        if not d.main:
-            logging.getLogger("wordlm").setLevel(logging.WARNING)
         refusal = ""
         if d.main:  # one run at a time in a run folder, for the whole run
             try:
@@ -262,10 +263,7 @@ def _train(dc: DictConfig) -> dict:
         trainer = Trainer(cfg, corpus, run_dir, None, d)
         if d.main:
             trainer.ckpt.clear_stale_temps()
-        resume = _resume_path(cfg.trainer.resume, run_dir)  # after the data and sizes are known to be good
-        if resume is None and cfg.optim.finetune and not cfg.trainer.init_from:
-            raise UserError("optim.finetune=true finetunes a trained model, and there is no last.pt here to resume: "
-                            "add trainer.init_from=<first run>/checkpoints/best.pt")
+        resume = _resume_decision(cfg, run_dir, d)  # after the data and sizes are known to be good
         if resume is not None:
             trainer.resume(resume)
         if d.main:
@@ -336,8 +334,9 @@ def _run_config(dc: DictConfig):
     keys = (o.split("=", 1)[0].lstrip("+~") for o in task if "=" in o)
     idle = [k for k in keys if k in flat and not record.acts(k, flat)]
     if idle:
-        log.warning("%s %s nothing in this run (optim.name=%s, optim.schedule=%s): ignored, and left out of its "
-                    "name", ", ".join(idle), "does" if len(idle) == 1 else "do", cfg.optim.name, cfg.optim.schedule)
+        log.warning("%s %s nothing with this run's other settings (e.g. optim.betas is AdamW's, optim.anneal the "
+                    "plateau schedule's): ignored, and left out of its name", ", ".join(idle),
+                    "does" if len(idle) == 1 else "do")
     cfg.run_name = record.run_name(cfg.run_name, task, flat)
     return dc, cfg
 
@@ -351,6 +350,12 @@ def _preset_optimizer_replaced(dc: DictConfig, task: list) -> DictConfig:
     from hydra import compose
     from omegaconf import OmegaConf, open_dict
 
+    # The preset's own optimizer group: naming that same group changes nothing.
+    preset = compose(config_name="config", overrides=[o for o in task if not o.startswith("optim=")],
+                     return_hydra_config=True).hydra.runtime.choices.get("optim")
+    named = next(o for o in task if o.startswith("optim=")).split("=", 1)[1]
+    if named == preset:
+        return dc
     own = compose(config_name="config", overrides=[o for o in task if not o.startswith("experiment=")]).optim
     replaced = [f"optim.{k}={dc.optim[k]}" for k in own if dc.optim[k] != own[k]]
     if replaced:
@@ -420,6 +425,36 @@ def _is_peer_failure(e: BaseException) -> bool:
         k in text for k in ("connection", "gloo", "nccl", "timed out", "timeout", "broken pipe"))
 
 
+def _resume_decision(cfg: Any, run_dir: Path, d) -> Path | None:
+    """Where the run continues from (None: a fresh start), or a refusal: decided by rank 0 alone, which sees the
+    folder before anything of this run is in it, and broadcast (another rank would see rank 0's .hydra/)."""
+    decided = ""
+    if d.main:
+        try:
+            resume = _resume_path(cfg.trainer.resume, run_dir)
+            if resume is None and cfg.optim.finetune and not cfg.trainer.init_from:
+                raise UserError("optim.finetune=true finetunes a trained model, and there is no last.pt here to "
+                                "resume: add trainer.init_from=<first run>/checkpoints/best.pt")
+            decided = f"resume:{resume or ''}"
+        except UserError as e:
+            decided = f"refuse:{e}"
+    if d.enabled:
+        decided = _broadcast_str(decided)
+    kind, _, value = decided.partition(":")
+    if kind == "refuse":
+        raise UserError(value)
+    return Path(value) if value else None
+
+
+def _finished_here(run_dir: Path) -> bool:
+    """Does the folder's metrics.json say a run completed there (or is it not one of wordlm's)?"""
+    try:
+        status = json.loads((run_dir / "metrics.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return (run_dir / "metrics.json").exists()
+    return status not in ("failed", "interrupted")
+
+
 def _resume_path(value: Any, run_dir: Path) -> Path | None:
     last = run_dir / "checkpoints" / "last.pt"
     # A fresh run writes checkpoints/, metrics.json and .hydra/: where any of them is already there (another
@@ -435,7 +470,9 @@ def _resume_path(value: Any, run_dir: Path) -> Path | None:
     if value == "auto":
         if last.is_file():
             return last
-        if taken:
+        # A job stopped before its first checkpoint (its .hydra/, a failed or interrupted metrics.json) starts
+        # afresh: a scheduler may requeue it. Checkpoints without last.pt, or a finished run, are refused.
+        if any("checkpoints/" in t for t in taken) or _finished_here(run_dir):
             raise UserError(f"trainer.resume=auto: {run_dir} holds {', '.join(taken[:3])} but no checkpoints/last.pt "
                             f"to resume from; start a new run in another hydra.run.dir (nothing there was changed)")
         log.info("trainer.resume=auto: no %s yet, starting fresh", last)

@@ -369,10 +369,10 @@ def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def conf_dir() -> Path:
-    """The Hydra configs: ``conf/`` at the root of a checkout (an editable install too), or ``wordlm/conf``
-    inside an installed wheel (setup.py ships ``conf/`` there)."""
+    """The Hydra configs: ``wordlm/conf`` inside an installed wheel (setup.py ships ``conf/`` there), else
+    ``conf/`` at the root of a checkout (an editable install too)."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "conf", here / "conf"):
+    for candidate in (here / "conf", here.parent / "conf"):
         if (candidate / "config.yaml").is_file():
             return candidate
     raise UserError(f"wordlm's configs are missing (no conf/config.yaml beside {here}): reinstall wordlm")

@@ -185,9 +185,13 @@ class Trainer:
         seconds = self.state.last_phase_s
         adapted = {}
         if tc.final_eval != "static" and self.dist.main:  # (the best weights are in the model now)
-            with self.state.timed("eval"):  # (evaluation seconds: never counted as training)
-                adapted = stream.adapted_scores(self.model, self.corpus.train, self.corpus.split("test"), tc.bptt,
-                                                self.device, tc.final_eval, self.eval_precision)
+            try:
+                with self.state.timed("eval"):  # (evaluation seconds: never counted as training)
+                    adapted = stream.adapted_scores(self.model, self.corpus.train, self.corpus.split("test"),
+                                                    tc.bptt, self.device, tc.final_eval, self.eval_precision)
+            except UserError as e:  # (the static test stands; the run completed)
+                log.warning("trainer.final_eval=%s: %s", tc.final_eval, e)
+                adapted = {"error": str(e)}
         return self.report.finish(test, seconds, adapted)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
@@ -210,9 +214,13 @@ class Trainer:
         self.throughput.pause()
         self.meter.pause()
         val, improved = self._validate()
-        self.schedule.on_validation(improved, st.step)
+        # The schedule and callbacks judge against the scheduled validations only (a stop's validation, which
+        # they never see, may have set best_val): a resumed run takes the decisions an uninterrupted one takes.
+        progress = st.scheduled_best is None or val < st.scheduled_best
+        st.scheduled_best = val if progress else st.scheduled_best
+        self.schedule.on_validation(progress, st.step)
         for cb in self.callbacks:
-            cb.on_validation_end(self, val, improved)
+            cb.on_validation_end(self, val, progress)
         if epoch_end:
             st.epoch += 1
             st.pos = 0

@@ -15,7 +15,6 @@ import torch
 
 from .. import runtime
 from ..config import CacheConfig, DynamicConfig, UserError
-from ..config import CacheConfig as CacheSettings
 from ..data import batchify, get_window
 from ..models import detach_state
 from .cache import CACHE_GRID, Cache  # noqa: F401  (the stream's parts, importable from here)
@@ -23,7 +22,7 @@ from .dynamic import DYNAMIC_GRID_DECAY, DYNAMIC_GRID_LR, Dynamic, gradient_stat
 
 
 def token_nll(model: torch.nn.Module, data: torch.Tensor, segment: int, device: torch.device, precision: str = "fp32",
-              cache: Optional[CacheSettings] = None, dynamic: Optional[Dynamic] = None) -> torch.Tensor:
+              cache: Optional[CacheConfig] = None, dynamic: Optional[Dynamic] = None) -> torch.Tensor:
     """(T - 1, B) negative log-likelihood of every target of ``data`` (T, B), scored window by window; with a
     cache and/or dynamic evaluation. The model is back to its trained weights afterwards."""
     model.eval()

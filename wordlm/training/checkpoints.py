@@ -87,7 +87,7 @@ class CheckpointManager:
         """
         self.last_time = time.monotonic()  # on every rank: they vote on timed checkpoints
         state = self.trainer_state(trainer)
-        if weights is None:  # the model's own weights; where a callback validates others (averages), those too
+        if weights is None and self.main:  # the model's weights; where a callback validates others (averages), those
             validated = _validated_weights(trainer)
             if validated is not None:
                 state["validated_model"] = validated
@@ -137,8 +137,9 @@ class CheckpointManager:
         for cb, cst in zip(trainer.callbacks, saved_cbs, strict=True):
             cb.load_state_dict(cst, trainer)  # first: a phase may replace the optimizer
         _load_optimizer(trainer, ck["optimizer"], where)
-        # Checkpoints from before tokens were counted: tokens from the steps (exact at a fixed bptt).
-        trainer.state = LoopState.from_state_dict(st, tokens_seen=int(st["step"]) * columns * tc.bptt)
+        # (older checkpoints: tokens from the steps, exact at a fixed bptt; only scheduled validations set best_val)
+        trainer.state = LoopState.from_state_dict(st, tokens_seen=int(st["step"]) * columns * tc.bptt,
+                                                  scheduled_best=st.get("best_val"))
         if st["state"] is not None:
             block = trainer.micro * tc.grad_accum  # this rank's consecutive columns
             r, micro = trainer.dist.rank, trainer.micro

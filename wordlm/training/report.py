@@ -165,12 +165,15 @@ class RunReport:
         log.info("test loss %.4f | test ppl %.2f | best valid ppl %.2f | %.1f s", test, metrics["test_ppl"],
                  metrics["best_valid_ppl"], seconds)
         scalars = {"test/loss": test, "test/ppl": metrics["test_ppl"]}
-        for method, loss in (adapted or {}).items():
+        adapted = dict(adapted or {})
+        if "error" in adapted:
+            metrics["final_eval_error"] = adapted.pop("error")
+        for method, loss in adapted.items():
             if method != "seconds":
                 metrics[f"test_ppl_{method}"] = scalars[f"test/ppl_{method}"] = ppl(loss)
                 log.info("test ppl with %s: %.2f", {"both": "the cache and dynamic evaluation"}.get(
                     method, "the cache" if method == "cache" else "dynamic evaluation"), ppl(loss))
-        if adapted:
+        if "seconds" in adapted:
             metrics["final_eval_seconds"] = round(adapted["seconds"], 3)
             log.info("final evaluation (trainer.final_eval=%s): %.1f s, apart from the training budget",
                      t.cfg.trainer.final_eval, adapted["seconds"])

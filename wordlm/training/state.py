@@ -16,6 +16,7 @@ class LoopState:
     epoch: int = 0  # epochs completed
     pos: int = 0  # next input token of the current epoch (row of the training columns)
     best_val: Optional[float] = None  # lowest validation loss so far (the weights behind it are best.pt)
+    scheduled_best: Optional[float] = None  # lowest of the scheduled validations (what the schedule judges by)
     validated_at: int = -1  # step of the last scheduled validation
     bad_total: int = 0  # non-finite steps skipped
     tokens_seen: int = 0  # training tokens, all ranks
