@@ -183,15 +183,7 @@ class Trainer:
             self._stop_validation()
         test = self._test()
         seconds = self.state.last_phase_s
-        adapted = {}
-        if tc.final_eval != "static" and self.dist.main:  # (the best weights are in the model now)
-            try:
-                with self.state.timed("eval"):  # (evaluation seconds: never counted as training)
-                    adapted = stream.adapted_scores(self.model, self.corpus.train, self.corpus.split("test"),
-                                                    tc.bptt, self.device, tc.final_eval, self.eval_precision)
-            except UserError as e:  # (the static test stands; the run completed)
-                log.warning("trainer.final_eval=%s: %s", tc.final_eval, e)
-                adapted = {"error": str(e)}
+        adapted = _final_eval(self) if tc.final_eval != "static" and self.dist.main else {}
         return self.report.finish(test, seconds, adapted)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
@@ -386,3 +378,16 @@ def _nan_injected(tc, step: int) -> bool:
     """Fault injection (trainer.debug_nan_at_step): is this step's loss made NaN?"""
     return tc.debug_nan_at_step is not None and tc.debug_nan_at_step <= step < tc.debug_nan_at_step + max(
         1, tc.debug_nan_steps)
+
+
+def _final_eval(t: Trainer) -> Dict[str, Any]:
+    """trainer.final_eval: the test split scored again with the cache and/or dynamic evaluation (the best weights
+    are in the model now), timed as evaluation. A failure leaves the completed run and its static test."""
+    tc = t.cfg.trainer
+    try:
+        with t.state.timed("eval"):
+            return stream.adapted_scores(t.model, t.corpus.train, t.corpus.split("test"), tc.bptt, t.device,
+                                         tc.final_eval, t.eval_precision)
+    except UserError as e:
+        log.warning("trainer.final_eval=%s: %s", tc.final_eval, e)
+        return {"error": str(e)}
