@@ -97,6 +97,7 @@ def test_a_refused_command_leaves_no_train_log_and_no_empty_folder(corpus, tmp_p
     assert p.returncode == 2 and not new.exists(), p.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("more", ["trainer.max_steps=14", "trainer.epochs=2"])
 def test_a_resumed_run_keeps_its_best_whatever_budget_key_grows(corpus, tmp_path, more):
     run = tmp_path / "run"
