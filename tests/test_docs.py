@@ -126,7 +126,9 @@ def test_every_documented_train_command_trains_at_tiny_size(cmd, tiny, tmp_path)
         overrides = [o for o in overrides if not o.startswith(("data=", "data.", "trainer.device"))]
         keys = {o.split("=", 1)[0] for o in overrides}
         shrink = [s for s in SHRINK if s.split("=", 1)[0] not in keys or s.startswith("trainer.max_")]
-        shrink += ["model.last_nhid=40"] if "awd" in cmd else []  # (the AWD presets' tied last layer)
+        preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), "")
+        sized = preset and "last_nhid" in (ROOT / "conf" / "experiment" / f"{preset}.yaml").read_text()
+        shrink += ["model.last_nhid=40"] if "awd" in cmd or sized else []  # (the AWD-style tied last layer)
         # the limits last (the last value of a key wins): two steps, whatever the command's budget
         limits = [x for x in shrink if x.startswith("trainer.max_")]
         base = ["data=custom", f"data.dir={corpus}", *[x for x in shrink if x not in limits]]
