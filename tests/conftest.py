@@ -31,6 +31,18 @@ TINY = [
 ]
 
 
+def tiny_config(name: str = "lstm", optim=None, dropout: float = 0.2, **trainer):
+    """A typed Config of a TINY-sized model (no Hydra), for tests that build a Trainer in-process."""
+    from wordlm.config import Config, OptimConfig, TrainerConfig
+    from wordlm.models import model_config
+
+    kw = dict(batch_size=4, eval_batch_size=4, bptt=8, epochs=2, log_interval=5, progress=False, sample_words=0,
+              threads=1, device="cpu", precision="fp32", compile=False)
+    kw.update(trainer)
+    return Config(model=model_config(name, emsize=16, nhid=16, nlayers=1, dropout=dropout),
+                  optim=optim or OptimConfig(), trainer=TrainerConfig(**kw))
+
+
 def write_corpus(folder: Path, n_lines: Dict[str, int] = None, vocab: int = 30, seed: int = 0) -> Path:
     """Random word lines in folder/{train,valid,test}.txt; valid/test may hold words train lacks."""
     n_lines = n_lines or {"train": 200, "valid": 40, "test": 40}

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from wordlm import checkpoint
-from wordlm.config import Config, OptimConfig, TrainerConfig, UserError, validate
+from wordlm.config import OptimConfig, UserError, validate
 from wordlm.data import read_corpus
-from wordlm.models import model_config
 from wordlm.tracking import Tracker
 from wordlm.trainer import Trainer
 
@@ -20,11 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(optim=None, **trainer):
-    kw = dict(batch_size=4, eval_batch_size=4, bptt=8, epochs=3, log_interval=5, progress=False, sample_words=0,
-              threads=1, device="cpu", precision="fp32", compile=False)
-    kw.update(trainer)
-    return Config(model=model_config("lstm", emsize=16, nhid=16, nlayers=1, dropout=0.2),
-                  optim=optim or OptimConfig(lr=5.0, schedule="constant"), trainer=TrainerConfig(**kw))
+    return tiny_config("lstm", optim or OptimConfig(lr=5.0, schedule="constant"), **{"epochs": 3, **trainer})
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, train_args, write_corpus
+from conftest import ROOT, run_cli, tiny_config, train_args, write_corpus
 
 from wordlm import checkpoint
-from wordlm.config import Config, ModelConfig, OptimConfig, TrainerConfig, UserError
+from wordlm.config import Config, ModelConfig, OptimConfig, UserError
 from wordlm.data import read_corpus
 from wordlm.distributed import Dist
 from wordlm.models import LanguageModel, build_model, model_config, register
@@ -33,11 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(name: str = "lstm", optim: OptimConfig | None = None, **trainer) -> Config:
-    kw = dict(batch_size=4, eval_batch_size=4, bptt=8, epochs=2, log_interval=5, progress=False, sample_words=0,
-              threads=1, device="cpu", precision="fp32", compile=False)
-    kw.update(trainer)
-    return Config(model=model_config(name, emsize=16, nhid=16, nlayers=1, dropout=0.2),
-                  optim=optim or OptimConfig(), trainer=TrainerConfig(**kw))
+    return tiny_config(name, optim, **trainer)
 
 
 # ---------------------------------------------------------------------------- the step

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, tiny_config
 
 
 def _tool(*args, cwd=ROOT):
@@ -124,11 +124,9 @@ import torch  # noqa: E402
 
 from wordlm import checkpoint  # noqa: E402
 from wordlm.config import (  # noqa: E402
-    Config,
     DynamicConfig,
     EvaluateConfig,
     OptimConfig,
-    TrainerConfig,
     UserError,
     validate,
 )
@@ -138,11 +136,7 @@ from wordlm.trainer import Trainer  # noqa: E402
 
 
 def _cfg(name="lstm", optim=None, **trainer):
-    kw = dict(batch_size=4, eval_batch_size=4, bptt=8, epochs=1, log_interval=5, progress=False, sample_words=0,
-              threads=1, device="cpu", precision="fp32", compile=False)
-    kw.update(trainer)
-    return Config(model=model_config(name, emsize=16, nhid=16, nlayers=1, dropout=0.0),
-                  optim=optim or OptimConfig(), trainer=TrainerConfig(**kw))
+    return tiny_config(name, optim, dropout=0.0, **{"epochs": 1, **trainer})
 
 
 @pytest.mark.parametrize("cfg, line", [
