@@ -82,16 +82,15 @@ def test_final_eval_scores_the_test_split_with_the_adapted_methods_and_records_t
     ea.Reload()
     assert {"test/ppl", "test/ppl_cache", "test/ppl_dynamic", "test/ppl_both"} <= set(ea.Tags()["scalars"])
     # the same figure as wordlm-evaluate's stream scoring of best.pt at its defaults
-    from wordlm.config import DynamicConfig
-    from wordlm.data import batchify
-    from wordlm.evaluation import stream
+    from wordlm.config import CacheConfig, DataConfig, DynamicConfig, EvaluateConfig
+    from wordlm.evaluation.command import run as evaluate_run
 
-    loaded = checkpoint.load_model(tmp_path / "checkpoints" / "best.pt")
-    corpus_ = read_corpus(corpus)
-    ms = stream.gradient_stats(loaded.model, corpus_.train, 8, torch.device("cpu"), "fp32")
-    dyn = stream.Dynamic(loaded.model, DynamicConfig(enabled=True), ms)
-    loss = stream.evaluate(loaded.model, batchify(corpus_.test, 1), 8, torch.device("cpu"), dynamic=dyn)["loss"]
-    assert math.exp(loss) == pytest.approx(m["test_ppl_dynamic"], rel=1e-5)
+    best = str(tmp_path / "checkpoints" / "best.pt")
+    for method, kw in (("dynamic", dict(dynamic=DynamicConfig(enabled=True))),
+                       ("cache", dict(cache=CacheConfig(enabled=True)))):
+        out = evaluate_run(EvaluateConfig(checkpoint=best, device="cpu", progress=False,
+                                          data=DataConfig(name="custom", dir=str(corpus)), **kw))
+        assert out["perplexity"] == pytest.approx(m[f"test_ppl_{method}"], rel=1e-5)
 
 
 def test_a_run_resumed_after_a_budget_stop_takes_the_uninterrupted_runs_decisions(corpus, tmp_path):

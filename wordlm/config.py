@@ -43,7 +43,7 @@ class ModelConfig:
     cutoffs: List[int] = field(default_factory=lambda: [2000, 10000])  # adaptive softmax/input: vocabulary bands
     div_value: float = 4.0  # adaptive softmax/input: band i is dim / div_value ** i wide
     adaptive_input: bool = False  # Baevski & Auli's adaptive input embeddings over the same bands
-    adaptive_dropout: float = 0.0  # adaptive softmax: dropout on each cluster's projected features
+    adaptive_dropout: float = 0.0  # adaptive softmax: dropout on its input and on each cluster's projection (fairseq)
 
     # Keys a type gains after checkpoints without them exist, with the value that rebuilds those checkpoints'
     # models as they were (see wordlm.models.config_from_dict). Not a config key. Types extend it.
@@ -204,25 +204,30 @@ class ExportConfig:
 
 @dataclass
 class CacheConfig:
-    """The neural cache (Grave et al. 2017); defaults: AWD-LSTM's WikiText-2 pointer settings."""
+    """The neural cache (Grave et al. 2017), as AWD-LSTM's pointer.py scores it. window / theta / lam null = the
+    reference's for the data set: PTB 500 / 1.0 / 0.1 (its README's command), WikiText-2 and every other data set
+    3785 / 0.662 / 0.1279 (pointer.py's defaults)."""
 
     enabled: bool = False
-    window: int = 3785  # hidden states remembered (per column)
-    theta: float = 0.662  # inverse temperature of the cache's attention
-    lam: float = 0.1279  # weight of the cache in the mixture (0 = the model alone)
+    window: Optional[int] = None  # hidden states remembered (per column)
+    theta: Optional[float] = None  # inverse temperature of the cache's attention
+    lam: Optional[float] = None  # weight of the cache in the mixture (0 = the model alone)
+    warmup: str = "reference"  # reference: the model alone until more than `window` tokens precede a position
+    #                            (pointer.py) | none: the cache mixed in from the second token
 
 
 @dataclass
 class DynamicConfig:
-    """Dynamic evaluation (Krause et al. 2018); lr and decay are theirs (5e-5, 2e-3 for 5-token segments)
-    scaled to 35-token segments as their code scales its grid."""
+    """Dynamic evaluation (Krause et al. 2018), with the defaults of their dynamiceval.py: segments of 5 tokens,
+    lr 5e-5, decay 2e-3. lr / decay null = those scaled by segment / 5 (the reference's rule when its segment
+    length changes)."""
 
     enabled: bool = False
-    lr: float = 3.5e-4  # eta
-    decay: float = 0.014  # lambda: pull towards the trained weights
+    lr: Optional[float] = None  # eta; null = 5e-5 x segment / 5
+    decay: Optional[float] = None  # lambda, the pull towards the trained weights; null = 2e-3 x segment / 5
     eps: float = 2e-5  # epsilon in grad / (MS + eps)
     rule: str = "rms"  # rms (Krause's RMS-normalised rule with decay) | sgd
-    segment: Optional[int] = None  # tokens per update; null = bptt
+    segment: Optional[int] = 5  # tokens per update (and per gradient-statistics batch), <= bptt; null = bptt
     stat_batches: Optional[int] = None  # training batches (of 100 columns) for the gradient statistics; null = all
 
 

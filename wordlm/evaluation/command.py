@@ -9,7 +9,6 @@ with the same batch size, bptt and precision, the number equals the trainer's te
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import sys
@@ -25,7 +24,9 @@ from ..data import SPLITS
 from ..data.batching import batchify
 from ..data.corpus import check_folder, encode_file, literal_count
 from ..data.datasets import prepare
-from . import stream
+from . import cache as caching
+from . import dynamic as dynamics
+from . import stream, tuning
 from .scoring import eval_context, nll, ppl
 
 OOV_WARN = 0.05  # warn when more of the scored tokens than this are outside the checkpoint's vocabulary
@@ -41,23 +42,28 @@ def validate(cfg: EvaluateConfig) -> None:
         raise UserError(f"bptt={cfg.bptt} must be >= 1 or null (= the training bptt)")
     c, d = cfg.cache, cfg.dynamic
     if c.enabled:
-        if c.window < 1:
-            raise UserError(f"cache.window={c.window} must be >= 1")
-        if not 0 <= c.lam < 1:
-            raise UserError(f"cache.lam={c.lam} must be in [0, 1) (0 = the model alone)")
-        if not math.isfinite(c.theta):
-            raise UserError(f"cache.theta={c.theta} must be a finite number")
+        if c.window is not None and c.window < 1:
+            raise UserError(f"cache.window={c.window} must be >= 1 or null (= the reference's for the data set)")
+        if c.lam is not None and not 0 <= c.lam < 1:
+            raise UserError(f"cache.lam={c.lam} must be in [0, 1) (0 = the model alone) or null")
+        if c.theta is not None and not math.isfinite(c.theta):
+            raise UserError(f"cache.theta={c.theta} must be a finite number or null")
+        if c.warmup not in caching.WARMUPS:
+            raise UserError(f"cache.warmup='{c.warmup}': use {'|'.join(caching.WARMUPS)} (reference: the model alone "
+                            f"until the cache holds more than `window` tokens, as pointer.py)")
     if d.enabled:
         if d.rule not in ("rms", "sgd"):
             raise UserError(f"dynamic.rule='{d.rule}': use rms|sgd")
-        if not all(math.isfinite(v) for v in (d.lr, d.decay, d.eps)) or d.lr < 0 or d.decay < 0 or d.eps <= 0:
-            raise UserError(f"dynamic.lr={d.lr} and dynamic.decay={d.decay} must be finite and >= 0, dynamic.eps="
-                            f"{d.eps} finite and > 0")
+        given = [v for v in (d.lr, d.decay) if v is not None]
+        if not all(math.isfinite(v) and v >= 0 for v in given) or not (math.isfinite(d.eps) and d.eps > 0):
+            raise UserError(f"dynamic.lr={d.lr} and dynamic.decay={d.decay} must be finite and >= 0 (or null = the "
+                            f"reference's scaled to the segment), dynamic.eps={d.eps} finite and > 0")
         if d.stat_batches is not None and d.stat_batches < 1:
             raise UserError(f"dynamic.stat_batches={d.stat_batches} must be >= 1 or null (= all training batches): "
                             f"the update divides by these gradient statistics")
         if d.segment is not None and d.segment < 1:
-            raise UserError(f"dynamic.segment={d.segment} must be >= 1 or null (= bptt)")
+            raise UserError(f"dynamic.segment={d.segment} must be >= 1 (tokens per update; 5 = the reference's) or "
+                            f"null (= bptt)")
         if cfg.batch_size not in (None, 1):
             raise UserError(f"dynamic evaluation reads the text as one stream: batch_size={cfg.batch_size} would "
                             f"adapt the weights on later text (the next columns) before scoring earlier text; "
@@ -103,15 +109,18 @@ def run(cfg: EvaluateConfig) -> dict:
     if given is not None and not 0 <= given < bptt:
         raise UserError(f"eval_context={given} must be in [0, bptt={bptt}) (null = the checkpoint's, else bptt // 2)")
     context = eval_context(loaded.model, given, bptt)
+    if cfg.dynamic.enabled and cfg.dynamic.segment is not None and cfg.dynamic.segment > bptt:
+        raise UserError(f"dynamic.segment={cfg.dynamic.segment} is longer than bptt={bptt}: the segments are cut from "
+                        f"windows of bptt tokens; use dynamic.segment<={bptt} (5 = the reference's) or a larger bptt")
     out = {"checkpoint": str(path), "weights": loaded.weights, "split": cfg.split,
            "tokens": int((data.size(0) - 1) * data.size(1)),
-           "batch_size": bsz, "bptt": bptt, "eval_context": 0 if adaptive else context}  # (cache/dynamic: a stream)
+           "batch_size": bsz, "bptt": bptt, "eval_context": context}
     t0 = time.perf_counter()
     if not adaptive:
         loss = nll(loaded.model, data, bptt, device, precision, progress_desc=f"{cfg.split}" if cfg.progress else None,
                    context=context)
     else:
-        loss = _adapted(cfg, loaded, files, data, bsz, bptt, device, precision, out)
+        loss = _adapted(cfg, loaded, data_cfg.name, files, data, bsz, bptt, context, device, precision, out)
     if not math.isfinite(ppl(loss)):  # NaN, inf, or a perplexity that overflows
         bad = [k for k, v in loaded.model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
         why = f"its weights are not finite ({', '.join(bad[:3])}): the run that wrote it diverged" if bad else \
@@ -123,52 +132,51 @@ def run(cfg: EvaluateConfig) -> dict:
     return out
 
 
-def _adapted(cfg: EvaluateConfig, loaded, files, data, bsz: int, bptt: int, device, precision: str, out: dict):
+def _adapted(cfg: EvaluateConfig, loaded, data_name: str, files, data, bsz: int, bptt: int, context: int, device,
+             precision: str, out: dict):
     """Score with the cache and/or dynamic evaluation (tuned on valid first when cfg.tune)."""
     model = loaded.model
-    segment = (cfg.dynamic.segment or bptt) if cfg.dynamic.enabled else bptt
-    cache = dataclasses.replace(cfg.cache) if cfg.cache.enabled else None
-    dyn_cfg = dataclasses.replace(cfg.dynamic) if cfg.dynamic.enabled else None
+    stateless = getattr(model, "stateless", False)
+    cache = caching.settings(cfg.cache, data_name) if cfg.cache.enabled else None
+    dyn_cfg = dynamics.settings(cfg.dynamic, bptt) if cfg.dynamic.enabled else None
+    # Tokens scored per piece: dynamic evaluation's segment, else whole windows (the static evaluation's).
+    segment = dyn_cfg.segment if dyn_cfg is not None else (bptt - context if stateless else bptt)
     ms = None
     if dyn_cfg is not None:
         t = time.perf_counter()
         ms = stream.gradient_stats(model, encode_file(files["train"], loaded.vocab), segment, device, precision,
-                                     max_batches=dyn_cfg.stat_batches)
+                                   max_batches=dyn_cfg.stat_batches, bptt=bptt, context=context)
         out["stat_seconds"] = round(time.perf_counter() - t, 3)
 
     def score(d, c, dc) -> float:
         dyn = stream.Dynamic(model, dc, ms) if dc is not None else None
-        return stream.evaluate(model, d, segment, device, precision, c, dyn)["loss"]
+        return stream.evaluate(model, d, segment, device, precision, c, dyn, bptt, context)["loss"]
 
     if cfg.tune:
+        t = time.perf_counter()
         full_valid = batchify(encode_file(files["valid"], loaded.vocab), bsz, device)
         valid = full_valid[: max(2, cfg.tune_tokens // bsz + 1)] if cfg.tune_tokens else full_valid
-        tried = []
-        if cache is not None:  # the cache first, on the static model (cheap); dynamic evaluation then uses it
-            best = None
-            for theta, lam in itertools.product(stream.CACHE_GRID["theta"], stream.CACHE_GRID["lam"]):
-                c = dataclasses.replace(cache, theta=theta, lam=lam)
-                loss = score(valid, c, None)
-                tried.append({"cache.theta": theta, "cache.lam": lam, "valid_ppl": ppl(loss)})
-                if best is None or loss < best[0]:
-                    best = (loss, c)
-            cache = best[1]
+        tried = 0
+        if cache is not None:  # the cache first, on the static model (its features computed once); dynamic
+            # evaluation then uses it
+            hidden, tok = stream.features(model, valid, bptt, device, precision, context)
+            best, _, points = tuning.search(
+                caching.CACHE_GRID, lambda p: float(-caching.rescore(hidden, tok, valid[1:],
+                                                                     dataclasses.replace(cache, **p)).double().mean()),
+                limits={"window": valid.size(0)})
+            cache, tried = dataclasses.replace(cache, **best), tried + len(points)
         if dyn_cfg is not None:
-            best = None
-            scale = segment / 5  # Krause's grid is for 5-token segments
-            for lr, decay in itertools.product(stream.DYNAMIC_GRID_LR, stream.DYNAMIC_GRID_DECAY):
-                dc = dataclasses.replace(dyn_cfg, lr=lr * scale, decay=decay * scale)
-                loss = score(valid, cache, dc)
-                tried.append({"dynamic.lr": dc.lr, "dynamic.decay": dc.decay, "valid_ppl": ppl(loss)})
-                if best is None or loss < best[0]:
-                    best = (loss, dc)
-            dyn_cfg = best[1]
+            scale = segment / dynamics.REFERENCE["segment"]  # Krause's grid is for 5-token segments
+            grid = {"lr": [v * scale for v in stream.DYNAMIC_GRID_LR],
+                    "decay": [v * scale for v in stream.DYNAMIC_GRID_DECAY]}
+            best, _, points = tuning.search(grid, lambda p: score(valid, cache, dataclasses.replace(dyn_cfg, **p)))
+            dyn_cfg, tried = dataclasses.replace(dyn_cfg, **best), tried + len(points)
         valid_loss = score(full_valid, cache, dyn_cfg)
-        out.update(split="test", valid_ppl=ppl(valid_loss), tried=len(tried))
+        out.update(split="test", valid_ppl=ppl(valid_loss), tried=tried, tune_seconds=round(time.perf_counter() - t, 3))
         data = batchify(encode_file(files["test"], loaded.vocab), bsz, device)
         out["tokens"] = int((data.size(0) - 1) * data.size(1))
     out["cache"] = dataclasses.asdict(cache) if cache is not None else None
-    out["dynamic"] = ({**dataclasses.asdict(dyn_cfg), "segment": segment} if dyn_cfg is not None else None)
+    out["dynamic"] = dataclasses.asdict(dyn_cfg) if dyn_cfg is not None else None
     t = time.perf_counter()
     loss = score(data, cache, dyn_cfg)
     out["score_seconds"] = round(time.perf_counter() - t, 3)  # the scoring pass alone (no statistics, no tuning)

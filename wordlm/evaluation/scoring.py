@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -28,6 +28,26 @@ def eval_context(model: torch.nn.Module, value: Optional[int], bptt: int) -> int
     if not 0 <= n < bptt:
         raise ValueError(f"eval_context={n} must be in [0, bptt={bptt})")
     return n
+
+
+def windows(n: int, segment: int, bptt: int, context: int, stateless: bool) -> Iterator[Tuple[int, int, int]]:
+    """The pieces a stream of ``n`` targets is scored in by the cache and dynamic evaluation, as ``(lo, i, j)``:
+    feed positions ``lo .. j - 1``, score the targets of ``i .. j - 1``.
+
+    A model with a state (``stateless`` false) reads segments of ``segment`` tokens and carries its state
+    (``lo == i``). A stateless one (the transformer) reads the static evaluation's windows (:func:`nll`: ``bptt``
+    tokens, the first ``context`` of them history), each cut into segments of ``segment`` scored tokens, and each
+    segment is fed from its window's start: every token sees exactly the history the static evaluation gives it,
+    so with the methods switched off the score equals the static one."""
+    if not stateless:
+        for i in range(0, n, segment):
+            yield i, i, min(i + segment, n)
+        return
+    stride = bptt - context
+    for w in range(0, n, stride):
+        lo, end = max(0, w - context), min(w + stride, n)
+        for i in range(w, end, segment):
+            yield lo, i, min(i + segment, end)
 
 
 def _summed(target_logp: torch.Tensor) -> torch.Tensor:

@@ -9,38 +9,46 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .. import runtime
 from ..config import CacheConfig, DynamicConfig, UserError
-from ..data import batchify, get_window
-from ..models import detach_state
+from ..data import batchify
+from ..models import detach_state, target_log_probs
+from . import cache as caching
+from . import dynamic as dynamics
 from .cache import CACHE_GRID, Cache  # noqa: F401  (the stream's parts, importable from here)
 from .dynamic import DYNAMIC_GRID_DECAY, DYNAMIC_GRID_LR, Dynamic, gradient_stats, rnn_backward_ok  # noqa: F401
+from .scoring import windows
 
 
 def token_nll(model: torch.nn.Module, data: torch.Tensor, segment: int, device: torch.device, precision: str = "fp32",
-              cache: Optional[CacheConfig] = None, dynamic: Optional[Dynamic] = None) -> torch.Tensor:
-    """(T - 1, B) negative log-likelihood of every target of ``data`` (T, B), scored window by window; with a
-    cache and/or dynamic evaluation. The model is back to its trained weights afterwards."""
+              cache: Optional[CacheConfig] = None, dynamic: Optional[Dynamic] = None, bptt: Optional[int] = None,
+              context: int = 0) -> torch.Tensor:
+    """(T - 1, B) negative log-likelihood of every target of ``data`` (T, B), scored in the pieces of
+    :func:`~wordlm.evaluation.scoring.windows` (``segment`` tokens each; a stateless model's with the static
+    evaluation's history: ``bptt`` and ``context``); with a cache (settings filled: :func:`cache.settings`) and/or
+    dynamic evaluation. The model is back to its trained weights afterwards."""
     model.eval()
     mem = Cache(cache) if cache is not None else None
+    stateless = getattr(model, "stateless", False)
     out: List[torch.Tensor] = []
     state = None
     try:
         with rnn_backward_ok(device) if dynamic else contextlib.nullcontext():
-            for i in range(0, data.size(0) - 1, segment):
-                x, y = get_window(data, i, segment)
+            for lo, i, j in windows(data.size(0) - 1, segment, bptt or segment, context, stateless):
+                y = data[lo + 1:j + 1]
                 with torch.enable_grad() if dynamic else torch.no_grad():
                     with runtime.autocast(device, precision):
-                        logp, state, aux = model(x, state, aux=True)
-                    tok = logp.float().gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (n, B)
+                        tok, state, aux = target_log_probs(model, data[lo:j], state, y, aux=True)
+                    tok = tok.float()[i - lo:]  # (n, B): the scored positions
                     if dynamic:
                         (-tok.mean()).backward()  # the segment is scored (below) before its update touches it
                     with torch.no_grad():
-                        scored = mem.target_logp(aux["hidden"].detach(), logp.detach(), y) if mem else tok.detach()
+                        scored = mem.target_logp(aux["hidden"][i - lo:].detach(), tok.detach(), y[i - lo:]) \
+                            if mem else tok.detach()
                     out.append(-scored.double())
                 if dynamic:
                     # NaN, inf, or a segment whose perplexity overflows (a mean NLL over 700 nats): the adapted
@@ -50,16 +58,35 @@ def token_nll(model: torch.nn.Module, data: torch.Tensor, segment: int, device: 
                                         f"weights blew up (perplexity over e^700 or NaN); lower dynamic.lr (now "
                                         f"{dynamic.s.lr:g}) or raise dynamic.decay (now {dynamic.s.decay:g})")
                     dynamic.update()
-                state = detach_state(state)
+                state = None if stateless else detach_state(state)
     finally:
         if dynamic:
             dynamic.restore()
     return torch.cat(out, 0)
 
 
-def evaluate(model, data, segment, device, precision="fp32", cache=None, dynamic=None) -> Dict[str, float]:
+@torch.no_grad()
+def features(model: torch.nn.Module, data: torch.Tensor, bptt: int, device: torch.device, precision: str = "fp32",
+             context: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The static model's (T - 1, B, D) final hidden features and (T - 1, B) log-probabilities of the targets of
+    ``data``, scored as the static evaluation scores them: what the cache mixes, computed once for every cache
+    setting tried (:func:`cache.rescore`)."""
+    model.eval()
+    stateless = getattr(model, "stateless", False)
+    hs, toks, state = [], [], None
+    for lo, i, j in windows(data.size(0) - 1, bptt - context if stateless else bptt, bptt, context, stateless):
+        with runtime.autocast(device, precision):
+            tok, state, aux = target_log_probs(model, data[lo:j], state, data[lo + 1:j + 1], aux=True)
+        hs.append(aux["hidden"][i - lo:].float())
+        toks.append(tok.float()[i - lo:])
+        state = None if stateless else detach_state(state)
+    return torch.cat(hs, 0), torch.cat(toks, 0)
+
+
+def evaluate(model, data, segment, device, precision="fp32", cache=None, dynamic=None, bptt=None,
+             context=0) -> Dict[str, float]:
     t = time.perf_counter()
-    nll = token_nll(model, data, segment, device, precision, cache, dynamic)
+    nll = token_nll(model, data, segment, device, precision, cache, dynamic, bptt, context)
     loss = float(nll.mean())
     return {"loss": loss, "seconds": time.perf_counter() - t}
 
@@ -68,20 +95,26 @@ FINAL_EVAL = ("static", "cache", "dynamic", "both")
 
 
 def adapted_scores(model, train_ids: torch.Tensor, ids: torch.Tensor, bptt: int, device: torch.device,
-                   methods: str, precision: str = "fp32") -> Dict[str, float]:
+                   methods: str, precision: str = "fp32", data_name: Optional[str] = None,
+                   context: int = 0) -> Dict[str, float]:
     """``trainer.final_eval``: the mean NLL of ``ids`` (one stream) with the cache (``"cache"``), dynamic
-    evaluation (``"dynamic"``) or ``"both"`` (each alone, and together), at their default settings; the gradient
+    evaluation (``"dynamic"``) or ``"both"`` (each alone, and together), at their default settings (the cache's
+    for ``data_name``; dynamic evaluation on segments of 5 tokens, or of ``bptt`` when shorter); the gradient
     statistics from ``train_ids``. Keys: ``cache``, ``dynamic``, ``both``, and ``seconds``."""
     t = time.perf_counter()
     data = batchify(ids, 1, device)
     want = {"cache": ["cache"], "dynamic": ["dynamic"], "both": ["cache", "dynamic", "both"]}[methods]
-    dyn_cfg = DynamicConfig(enabled=True)
-    segment = dyn_cfg.segment or bptt
-    ms = gradient_stats(model, train_ids, segment, device, precision) if set(want) & {"dynamic", "both"} else None
+    base = DynamicConfig(enabled=True)
+    dyn_cfg = dynamics.settings(DynamicConfig(enabled=True, segment=min(base.segment, bptt)), bptt)
+    cache_cfg = caching.settings(CacheConfig(enabled=True), data_name)
+    ms = gradient_stats(model, train_ids, dyn_cfg.segment, device, precision, bptt=bptt, context=context) \
+        if set(want) & {"dynamic", "both"} else None
     out: Dict[str, float] = {}
     for m in want:
-        cache = CacheConfig(enabled=True) if m in ("cache", "both") else None
+        cache = cache_cfg if m in ("cache", "both") else None
         dyn = Dynamic(model, dyn_cfg, ms) if m in ("dynamic", "both") else None
-        out[m] = evaluate(model, data, bptt if dyn is None else segment, device, precision, cache, dyn)["loss"]
+        segment = dyn_cfg.segment if dyn is not None else (bptt - context if getattr(model, "stateless", False)
+                                                           else bptt)
+        out[m] = evaluate(model, data, segment, device, precision, cache, dyn, bptt, context)["loss"]
     out["seconds"] = time.perf_counter() - t
     return out
