@@ -166,12 +166,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def check_memory(build: Any, device: torch.device, optim_name: str, tokens_per_step: int, vocab: int) -> int:
+def check_memory(build: Any, device: torch.device, optim_name: str, tokens_per_step: int, vocab: int,
+                 dynamic_tokens: int = 0) -> int:
     """Estimate a training run's memory before allocating anything; refuse one that cannot fit.
 
     ``build()`` makes the model; it runs on the meta device (no memory) to count parameters. The estimate is
     weights + gradients + optimizer state (1 extra copy for SGD, 2 for AdamW) in fp32, plus the (T, B, V)
     log-probs and their gradients (the largest activations of a word-level LM), times 1.2 for the rest.
+    ``dynamic_tokens``: the run ends with dynamic evaluation (``trainer.final_eval``), whose batches of gradient
+    statistics hold that many tokens; it keeps 7 copies of the weights (weights, gradients, the trained weights,
+    the gradient statistics, three precomputed terms of the update), checked here too so the run does not fail at
+    its end.
     """
     with torch.device("meta"):
         model = build()
@@ -184,4 +189,10 @@ def check_memory(build: Any, device: torch.device, optim_name: str, tokens_per_s
                         f"{need / 2**30:,.1f} GiB to train (weights, gradients, optimizer state, log-probs), and "
                         f"{device} has {have / 2**30:,.1f} GiB available: use smaller model sizes or "
                         f"trainer.batch_size")
-    return need
+    dyn = int(1.2 * (4 * params * 7 + 3 * 4 * dynamic_tokens * vocab)) if dynamic_tokens else 0
+    if have is not None and dyn > have:
+        raise UserError(f"trainer.final_eval asks for dynamic evaluation, which for this model needs about "
+                        f"{dyn / 2**30:,.1f} GiB (7 copies of {params / 1e6:,.1f}M weights, and gradient statistics) "
+                        f"and {device} has {have / 2**30:,.1f} GiB available: use trainer.final_eval=static or cache, "
+                        f"and run evaluate.py dynamic.enabled=true where there is more memory")
+    return max(need, dyn)

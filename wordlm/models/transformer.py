@@ -34,10 +34,15 @@ class TransformerConfig(ModelConfig):
     positions: str = "sinusoidal"  # sinusoidal (any length) | learned (one vector per position, up to max_len)
     max_len: int = 512  # learned positions: the longest window (training bptt, generation context, evaluation)
     init: str = "classic"  # classic: embeddings/decoder uniform +-0.1, PyTorch's defaults inside the layers |
+    #                        xavier: the same, and every matrix inside the layers Xavier-uniform (nn.Transformer's,
+    #                        the classic example since 2023) |
     #                        scaled: N(0, 0.02) everywhere, residual projections / sqrt(2 * nlayers) (GPT-2)
     attn_dropout: Optional[float] = None  # dropout on the attention weights; null = model.dropout
-    resid_dropout: Optional[float] = None  # dropout on the embeddings and on each sublayer's output before its
-    #                                        residual add; null = model.dropout
+    resid_dropout: Optional[float] = None  # dropout on each sublayer's output before its residual add (and on the
+    #                                        embeddings unless emb_dropout is set); null = model.dropout
+    emb_dropout: Optional[float] = None  # dropout on the embeddings + positions; null = resid_dropout's value
+    ffn_dropout: Optional[float] = None  # dropout inside the feed-forward (after its activation); null = model.dropout
+    final_norm: Optional[bool] = None  # a LayerNorm after the last layer; null = norm_first (pre-norm has one)
     bias: bool = True  # biases in every linear layer and LayerNorm
     dropoute: float = 0.0  # embedding (word) dropout: probability of dropping a whole word's embedding row
 
@@ -45,14 +50,22 @@ class TransformerConfig(ModelConfig):
     LEGACY: ClassVar[Dict[str, Any]] = {**ModelConfig.LEGACY, "norm_first": False, "activation": "relu",
                                         "positions": "sinusoidal", "max_len": 512, "init": "classic",
                                         "attn_dropout": None, "resid_dropout": None, "bias": True,
-                                        "dropoute": 0.0}
+                                        "dropoute": 0.0, "emb_dropout": None, "ffn_dropout": None,
+                                        "final_norm": None}
 
     def p(self, key: str) -> float:
         v = getattr(self, key)
+        if v is None and key == "emb_dropout":
+            return self.p("resid_dropout")
         return self.dropout if v is None else v
 
+    @property
+    def has_final_norm(self) -> bool:
+        return self.norm_first if self.final_norm is None else self.final_norm
+
     def effective(self) -> Dict[str, Any]:
-        out = {**super().effective(), "attn_dropout": self.p("attn_dropout"), "resid_dropout": self.p("resid_dropout")}
+        out = {**super().effective(), **{k: self.p(k) for k in ("attn_dropout", "resid_dropout", "emb_dropout",
+                                                                "ffn_dropout")}, "final_norm": self.has_final_norm}
         if self.positions != "learned":
             del out["max_len"]
         return out
@@ -65,13 +78,13 @@ class TransformerConfig(ModelConfig):
             raise UserError(f"model.nhead={self.nhead} does not divide model.emsize={self.emsize}: "
                             f"pick nhead that divides emsize")
         choices = {"activation": ("relu", "gelu"), "positions": ("sinusoidal", "learned"),
-                   "init": ("classic", "scaled")}
+                   "init": ("classic", "xavier", "scaled")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"model.{key}={getattr(self, key)!r}: use {'|'.join(allowed)}")
         if self.max_len < 1:
             raise UserError(f"model.max_len={self.max_len} is impossible: it must be >= 1")
-        for k in ("attn_dropout", "resid_dropout"):
+        for k in ("attn_dropout", "resid_dropout", "emb_dropout", "ffn_dropout"):
             v = getattr(self, k)
             if v is not None and not 0.0 <= v < 1.0:
                 raise UserError(f"model.{k}={v} must be in [0, 1) or null")
@@ -105,14 +118,14 @@ class TransformerModel(LanguageModel):
         self.cfg = cfg
         self.scale = math.sqrt(cfg.emsize)
         self.encoder = make_input(cfg, vocab_size)
-        self.drop = nn.Dropout(cfg.p("resid_dropout"))
-        layer = nn.TransformerEncoderLayer(cfg.emsize, cfg.nhead, cfg.nhid, cfg.dropout, activation=cfg.activation,
-                                           norm_first=cfg.norm_first, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.p("emb_dropout"))
+        layer = nn.TransformerEncoderLayer(cfg.emsize, cfg.nhead, cfg.nhid, cfg.p("ffn_dropout"),
+                                           activation=cfg.activation, norm_first=cfg.norm_first, bias=cfg.bias)
         # The layer's own dropouts: attention weights, each sublayer's output (before the residual add); the one
-        # inside the feed-forward stays model.dropout.
+        # inside the feed-forward (its `dropout`) is ffn_dropout.
         layer.self_attn.dropout = cfg.p("attn_dropout")
         layer.dropout1, layer.dropout2 = nn.Dropout(cfg.p("resid_dropout")), nn.Dropout(cfg.p("resid_dropout"))
-        final = nn.LayerNorm(cfg.emsize, bias=cfg.bias) if cfg.norm_first else None  # pre-norm's last LayerNorm
+        final = nn.LayerNorm(cfg.emsize, bias=cfg.bias) if cfg.has_final_norm else None  # after the last layer
         self.layers = nn.TransformerEncoder(layer, cfg.nlayers, norm=final, enable_nested_tensor=False)
         self.pos = nn.Embedding(cfg.max_len, cfg.emsize) if cfg.positions == "learned" else None
         self.decoder = make_output(cfg, cfg.emsize, vocab_size, self.encoder, bias=cfg.bias)
@@ -120,6 +133,10 @@ class TransformerModel(LanguageModel):
         if cfg.init == "scaled":
             self._scaled_init()
         else:  # the adaptive layers keep their own init (wordlm.models.words)
+            if cfg.init == "xavier":  # nn.Transformer's own init of its layers (it runs before the embeddings exist)
+                for p in self.layers.parameters():
+                    if p.dim() > 1:
+                        nn.init.xavier_uniform_(p)
             if not isinstance(self.encoder, AdaptiveInput):
                 nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
             if isinstance(self.decoder, Softmax):

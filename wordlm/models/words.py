@@ -163,8 +163,9 @@ class AdaptiveSoftmax(nn.Module):
     Parameters: ``head_words`` (cutoffs[0], in_dim), ``head_clusters`` (clusters, in_dim) and per cluster ``i``
     ``proj[i]`` (in_dim, width) and ``out[i]`` (cluster size, width), width = in_dim / div_value ** (i + 1).
     ``tie`` (an :class:`AdaptiveInput` of the same bands and ``dim == in_dim``) shares its embeddings and
-    projections instead of owning them. ``dropout`` acts on each cluster's projected features (fairseq's
-    ``adaptive_softmax_dropout``).
+    projections instead of owning them. ``dropout`` is fairseq's ``adaptive_softmax_dropout``, placed where fairseq
+    places it: on the softmax's input (the features the head and every cluster read; one mask, in training only),
+    and again on each cluster's projected features.
     """
 
     def __init__(self, in_dim: int, vocab_size: int, cutoffs: Sequence[int], div_value: float,
@@ -207,6 +208,7 @@ class AdaptiveSoftmax(nn.Module):
 
     def log_prob(self, h: torch.Tensor) -> torch.Tensor:
         """(..., V) log-probabilities over the whole vocabulary (every cluster computed for every position)."""
+        h = F.dropout(h, self.dropout, self.training) if self.dropout else h
         head = self._head(h)
         parts = [head[..., : self.shortlist]]
         for i in range(self.n_clusters):
@@ -218,6 +220,8 @@ class AdaptiveSoftmax(nn.Module):
         """(...) log-probability of each ``target``: the head for every position, a cluster only for the positions
         whose target lies in it."""
         shape = target.shape
+        if self.dropout:
+            h = F.dropout(h, self.dropout, self.training)
         flat_h, flat_t = h.reshape(-1, h.size(-1)), target.reshape(-1)
         head = self._head(flat_h)
         edges = torch.tensor(self.edges[1:-1], device=flat_t.device, dtype=flat_t.dtype)

@@ -147,17 +147,21 @@ class NTASGD(Callback):
 class VariableWindowLength(WindowLength):
     """AWD-LSTM's variable-length BPTT: the base length is ``bptt`` with probability ``p_full`` (0.95), else
     ``bptt / 2``; the window is ``max(min_len, int(N(base, std)))`` tokens (std 5, at least 5); the step's
-    learning rate is scaled by ``length / bptt``. Its own random stream, seeded from the run's seed: every rank
+    learning rate is scaled by ``length / bptt``. ``max_len``: a cap on the window (the reference's finetune.py
+    caps it at ``bptt + 10``; its main.py does not). Its own random stream, seeded from the run's seed: every rank
     draws the same lengths, dropout masks do not move them, and resume continues the stream."""
 
-    def __init__(self, bptt: int, seed: int, p_full: float = 0.95, std: float = 5.0, min_len: int = 5):
+    def __init__(self, bptt: int, seed: int, p_full: float = 0.95, std: float = 5.0, min_len: int = 5,
+                 max_len: Optional[int] = None):
         super().__init__(bptt)
-        self.p_full, self.std, self.min_len = p_full, std, min_len
+        self.p_full, self.std, self.min_len, self.max_len = p_full, std, min_len, max_len
         self.gen = torch.Generator().manual_seed(seed)
 
     def next(self, step: int) -> Tuple[int, float]:
         base = self.bptt if torch.rand((), generator=self.gen).item() < self.p_full else self.bptt / 2
         n = max(self.min_len, int(base + self.std * torch.randn((), generator=self.gen).item()))
+        if self.max_len is not None:
+            n = min(n, self.max_len)
         return n, n / self.bptt
 
     def state_dict(self) -> Dict[str, Any]:
@@ -178,7 +182,9 @@ def from_config(cfg: Config) -> Tuple[List[Callback], List[LossTerm], Optional[W
     if o.ntasgd or o.finetune or o.average_from is not None:
         callbacks.append(NTASGD(o.nonmono, finetune=o.finetune, average_from=o.average_from,
                                 trigger=o.ntasgd or o.finetune))
-    window = VariableWindowLength(cfg.trainer.bptt, cfg.trainer.seed) if cfg.trainer.variable_bptt else None
+    cap = cfg.trainer.bptt + 10 if cfg.optim.finetune else None  # finetune.py's cap; main.py has none
+    window = VariableWindowLength(cfg.trainer.bptt, cfg.trainer.seed, max_len=cap) if cfg.trainer.variable_bptt \
+        else None
     return callbacks, terms, window
 
 
