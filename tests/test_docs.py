@@ -4,7 +4,8 @@
   validated Config (fast), and, at tiny size on a tiny corpus, trains for two steps (slow);
 - every ``generate.py`` / ``evaluate.py`` / ``export.py`` command runs on a tiny trained checkpoint (README's in
   the fast suite, the rest slow);
-- every ``python -m wordlm.bench`` / ``wordlm.synthetic`` command parses with the tool's own parser.
+- every ``python -m wordlm.bench`` / ``wordlm.synthetic`` / ``wordlm-runs`` command parses with the tool's own
+  parser.
 
 Placeholders: ``outputs/RUN/checkpoints/best.pt`` (and any other ``checkpoint=``) is a tiny trained checkpoint,
 ``/path/to/corpus`` and ``data.dir=`` a tiny corpus, ``/tmp/...`` output folders a temporary folder.
@@ -52,8 +53,10 @@ def _kind(cmd: str) -> str:
     words = shlex.split(cmd)
     if words[0] == "torchrun" or (len(words) > 1 and words[1] == "train.py") or words[0] == "wordlm-train":
         return "train"
+    if words[0] == "wordlm-runs":
+        return "tool"
     if words[0] == "python" and words[1] == "-m":
-        return "tool" if words[2] in ("wordlm.bench", "wordlm.synthetic") else "checkpoint"
+        return "tool" if words[2] in ("wordlm.bench", "wordlm.synthetic", "wordlm.runs") else "checkpoint"
     return "checkpoint"
 
 
@@ -182,10 +185,12 @@ def test_every_documented_checkpoint_command_runs(cmd, tiny, tmp_path):
 
 @pytest.mark.parametrize("cmd", _of("tool"))
 def test_every_documented_tool_command_parses(cmd):
-    from wordlm import bench, synthetic
+    from wordlm import bench, runs, synthetic
 
     words = shlex.split(cmd)
-    tool = {"wordlm.bench": bench, "wordlm.synthetic": synthetic}[words[2]]
+    if words[0] == "wordlm-runs":
+        words = ["python", "-m", "wordlm.runs", *words[1:]]
+    tool = {"wordlm.bench": bench, "wordlm.synthetic": synthetic, "wordlm.runs": runs}[words[2]]
     a = tool.parser().parse_args(words[3:])
     if tool is bench:
         bench.check(a.__class__(**{**vars(a), "data": None, "tokenize": None, "baseline": None}))
