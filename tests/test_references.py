@@ -162,7 +162,7 @@ def test_the_grid_widens_past_an_edge_while_it_improves():
     (dict(cache=CacheConfig(enabled=True, window=0)), "cache.window=0 must be >= 1"),
     (dict(cache=CacheConfig(enabled=True, warmup="soon")), "cache.warmup='soon': use reference|none"),
     (dict(dynamic=DynamicConfig(enabled=True, segment=0)), "dynamic.segment=0 must be >= 1"),
-    (dict(dynamic=DynamicConfig(enabled=True, segment=10)), "dynamic.segment=10 is longer than bptt=9"),
+    (dict(dynamic=DynamicConfig(enabled=True, segment=10)), "dynamic.segment=10 is longer than the 9 tokens a window"),
 ])
 def test_bad_settings_are_one_line_before_any_scoring(tmp_path, change, message):
     ckpt = checkpoint_of(tmp_path, "lstm")
@@ -179,7 +179,8 @@ def test_segment_longer_than_bptt_from_the_command_line(tmp_path):
     p = run_cli("evaluate.py", [f"checkpoint={ckpt}", "data=custom", f"data.dir={corpus}", "dynamic.enabled=true",
                                 "dynamic.segment=40", "device=cpu"], cwd=tmp_path)
     assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr
-    assert "dynamic.segment=40 is longer than bptt=9" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "dynamic.segment=40 is longer than the 9 tokens a window scores (bptt=9)" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------ adaptive softmax
@@ -266,3 +267,15 @@ def test_final_eval_dynamic_too_large_for_memory_is_refused_before_training():
             runtime.check_memory(build, CPU, "sgd", 80, 1000, dynamic_tokens=500)
     msg = str(e.value)
     assert "trainer.final_eval" in msg and "trainer.final_eval=static" in msg and "\n" not in msg
+
+
+def test_checkpoints_from_before_the_new_placement_keep_the_old_one():
+    from wordlm.models import config_from_dict
+
+    old = config_from_dict({"name": "lstm", "emsize": 16, "nhid": 16, "nlayers": 1, "dropout": 0.0, "tied": False,
+                            "softmax": "adaptive", "cutoffs": [10, 20], "div_value": 2.0, "adaptive_input": False,
+                            "adaptive_dropout": 0.5})
+    assert old.adaptive_dropout_input is False
+    assert build_model(old, 40).decoder.input_dropout == 0.0
+    new = model_config("lstm", softmax="adaptive", cutoffs=[10, 20], adaptive_dropout=0.5)
+    assert new.adaptive_dropout_input is True and build_model(new, 40).decoder.input_dropout == 0.5

@@ -31,6 +31,8 @@ def folder(trained, tmp_path_factory) -> Path:
     (root / "b" / "nested" / "metrics.json").write_text(json.dumps(m))
     (root / "broken").mkdir()
     (root / "broken" / "metrics.json").write_text('{"status": "compl')
+    (root / "odd").mkdir()
+    (root / "odd" / "metrics.json").write_text(json.dumps({**m, "run_name": "odd", "seconds": "x"}))
     return root
 
 
@@ -42,10 +44,11 @@ def test_every_run_is_a_row_and_a_corrupted_one_is_listed_as_unreadable(folder, 
     assert "test_dynamic" in lines[0]  # shown because one run has it
     m = json.loads((trained / "metrics.json").read_text())
     body = lines[1:]
-    assert len(body) == 3
+    assert len(body) == 4
     assert body[0].startswith("second") and body[1].startswith(m["run_name"])  # sorted by best valid
     assert f"{m['best_valid_ppl']:.2f}" in body[1] and f"{m['test_ppl']:.2f}" in body[1]
-    assert body[2].startswith("broken") and "unreadable" in body[2]
+    unreadable = sorted(b.split()[0] for b in body[2:])
+    assert unreadable == ["broken", "odd"] and all("unreadable" in b for b in body[2:])
 
 
 def test_sort_filter_and_formats(folder, trained):

@@ -49,8 +49,10 @@ def resume_conflicts(saved: dict, cfg: Config) -> List[tuple]:
     new = flatten(to_dict(cfg))
     out = []
     stateless = models.model_class(cfg.model.name).stateless
+    acting = {f"model.{k}" for k in cfg.model.effective()}  # (a model key that does nothing here cannot conflict)
     for key, value in new.items():
-        if key in RESUMABLE or key not in old or (key == "trainer.eval_context" and not stateless):
+        if key in RESUMABLE or key not in old or (key == "trainer.eval_context" and not stateless) or (
+                key.startswith("model.") and key not in acting):
             continue  # (eval_context only shapes a stateless model's evaluation windows)
         a, b = old[key], value
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):

@@ -44,11 +44,14 @@ class ModelConfig:
     div_value: float = 4.0  # adaptive softmax/input: band i is dim / div_value ** i wide
     adaptive_input: bool = False  # Baevski & Auli's adaptive input embeddings over the same bands
     adaptive_dropout: float = 0.0  # adaptive softmax: dropout on its input and on each cluster's projection (fairseq)
+    adaptive_dropout_input: bool = True  # adaptive_dropout on the softmax's input too (false: only on the clusters'
+    #                                      projections, as wordlm before 2026-12-06; older checkpoints resume so)
 
     # Keys a type gains after checkpoints without them exist, with the value that rebuilds those checkpoints'
     # models as they were (see wordlm.models.config_from_dict). Not a config key. Types extend it.
     LEGACY: ClassVar[Dict[str, Any]] = {"softmax": "full", "cutoffs": [2000, 10000], "div_value": 4.0,
-                                        "adaptive_input": False, "adaptive_dropout": 0.0}
+                                        "adaptive_input": False, "adaptive_dropout": 0.0,
+                                        "adaptive_dropout_input": False}
 
     def effective(self) -> Dict[str, Any]:
         """The keys as the model uses them (a null that means "as model.dropout" resolved; keys that do nothing
@@ -57,6 +60,8 @@ class ModelConfig:
         if self.softmax != "adaptive" and not self.adaptive_input:
             for k in ("cutoffs", "div_value"):
                 del out[k]
+        if self.softmax != "adaptive" or not self.adaptive_dropout:
+            del out["adaptive_dropout_input"]
         if self.softmax != "adaptive":
             del out["adaptive_dropout"]
         return out

@@ -64,11 +64,14 @@ def read(path: Path) -> Dict[str, Any]:
         m = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(m, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+        row = {k: f(m) for k, f in COLUMNS.items()}
+        for k, v in row.items():
+            if v is not None and not isinstance(v, (str, int, float)):
+                raise ValueError(f"{k} is {type(v).__name__}")
+    except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         return {"run": path.parent.name, "status": "unreadable", "stop": why[:80], "folder": str(path.parent),
                 "config": {}}
-    row = {k: f(m) for k, f in COLUMNS.items()}
     row["run"] = row["run"] or path.parent.name
     row["folder"] = str(path.parent)
     row["config"] = m.get("config") if isinstance(m.get("config"), dict) else {}
@@ -120,9 +123,11 @@ def _cell(v: Any, column: str) -> str:
 
 
 def render(rows: List[Dict[str, Any]], columns: List[str], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps([{**{c: r.get(c) for c in columns}, "folder": r["folder"]} for r in rows], indent=1,
-                          default=str) + "\n"
+    if fmt == "json":  # (NaN, which JSON lacks, as null)
+        def plain(v):
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+        return json.dumps([{**{c: plain(r.get(c)) for c in columns}, "folder": r["folder"]} for r in rows],
+                          indent=1, default=str) + "\n"
     if fmt == "csv":
         out = io.StringIO()
         w = csv.writer(out)

@@ -91,7 +91,7 @@ class Trainer:
 
         # Ranks share the initial weights (same seed); each draws its own dropout masks after.
         runtime.check_memory(lambda: build_model(cfg.model, len(corpus.vocab)), self.device, cfg.optim.name,
-                             tc.batch_size // W * tc.bptt, len(corpus.vocab), _final_eval_tokens(tc))
+                             tc.batch_size // W * tc.bptt, len(corpus.vocab), _final_eval_tokens(cfg))
         runtime.seed_all(tc.seed)
         self.model = build_model(cfg.model, len(corpus.vocab)).to(self.device)
         if tc.init_from:
@@ -380,10 +380,14 @@ def _nan_injected(tc, step: int) -> bool:
         1, tc.debug_nan_steps)
 
 
-def _final_eval_tokens(tc) -> int:
-    """Tokens in a batch of trainer.final_eval's gradient statistics (100 columns of its 5-token segments), for the
-    memory check before training; 0 without dynamic evaluation."""
-    return 100 * min(5, tc.bptt) if tc.final_eval in ("dynamic", "both") else 0
+def _final_eval_tokens(cfg: Config) -> int:
+    """Tokens in a batch of trainer.final_eval's gradient statistics (100 columns of its 5-token segments; of whole
+    windows for a stateless model, whose segments carry their history), for the memory check before training; 0
+    without dynamic evaluation."""
+    tc = cfg.trainer
+    if tc.final_eval not in ("dynamic", "both"):
+        return 0
+    return 100 * (tc.bptt if model_class(cfg.model.name).stateless else min(5, tc.bptt))
 
 
 def _final_eval(t: Trainer) -> Dict[str, Any]:
@@ -394,6 +398,6 @@ def _final_eval(t: Trainer) -> Dict[str, Any]:
         with t.state.timed("eval"):
             return stream.adapted_scores(t.model, t.corpus.train, t.corpus.split("test"), tc.bptt, t.device,
                                          tc.final_eval, t.eval_precision, t.cfg.data.name, t.eval_context)
-    except UserError as e:
+    except (UserError, MemoryError, torch.OutOfMemoryError) as e:
         log.warning("trainer.final_eval=%s: %s", tc.final_eval, e)
-        return {"error": str(e)}
+        return {"error": str(e) or type(e).__name__}

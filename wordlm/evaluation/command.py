@@ -109,9 +109,9 @@ def run(cfg: EvaluateConfig) -> dict:
     if given is not None and not 0 <= given < bptt:
         raise UserError(f"eval_context={given} must be in [0, bptt={bptt}) (null = the checkpoint's, else bptt // 2)")
     context = eval_context(loaded.model, given, bptt)
-    if cfg.dynamic.enabled and cfg.dynamic.segment is not None and cfg.dynamic.segment > bptt:
-        raise UserError(f"dynamic.segment={cfg.dynamic.segment} is longer than bptt={bptt}: the segments are cut from "
-                        f"windows of bptt tokens; use dynamic.segment<={bptt} (5 = the reference's) or a larger bptt")
+    if cfg.dynamic.enabled:
+        cfg = dataclasses.replace(cfg, dynamic=dataclasses.replace(
+            cfg.dynamic, segment=dynamics.segment_for(cfg.dynamic.segment, bptt, context)))
     out = {"checkpoint": str(path), "weights": loaded.weights, "split": cfg.split,
            "tokens": int((data.size(0) - 1) * data.size(1)),
            "batch_size": bsz, "bptt": bptt, "eval_context": context}
@@ -159,10 +159,12 @@ def _adapted(cfg: EvaluateConfig, loaded, data_name: str, files, data, bsz: int,
         tried = 0
         if cache is not None:  # the cache first, on the static model (its features computed once); dynamic
             # evaluation then uses it
+            # Every window is judged with the cache mixed from the second token (warmup none): with the reference's
+            # warm-up a larger window would also mean fewer mixed tokens in the tuning text, and lose for that alone.
             hidden, tok = stream.features(model, valid, bptt, device, precision, context)
             best, _, points = tuning.search(
-                caching.CACHE_GRID, lambda p: float(-caching.rescore(hidden, tok, valid[1:],
-                                                                     dataclasses.replace(cache, **p)).double().mean()),
+                caching.CACHE_GRID, lambda p: float(-caching.rescore(
+                    hidden, tok, valid[1:], dataclasses.replace(cache, warmup="none", **p)).double().mean()),
                 limits={"window": valid.size(0)})
             cache, tried = dataclasses.replace(cache, **best), tried + len(points)
         if dyn_cfg is not None:

@@ -24,6 +24,7 @@ import torch
 
 from .. import runtime
 from ..config import DynamicConfig as DynamicSettings
+from ..config import UserError
 from ..data import batchify
 from ..models import detach_state, target_log_probs
 from .scoring import windows
@@ -39,6 +40,23 @@ def settings(d: DynamicSettings, bptt: int) -> DynamicSettings:
     return dataclasses.replace(d, segment=segment,
                                lr=REFERENCE["lr"] * scale if d.lr is None else d.lr,
                                decay=REFERENCE["decay"] * scale if d.decay is None else d.decay)
+
+
+def segment_for(segment: Optional[int], bptt: int, context: int = 0) -> int:
+    """The segment length dynamic evaluation uses: ``segment`` (null = the tokens a window scores: ``bptt -
+    context``, ``context`` being a stateless model's history). The default 5 is shortened to fit a shorter window;
+    a longer segment asked for explicitly is refused (a segment is cut from one window)."""
+    longest = bptt - context
+    if segment is None:
+        return longest
+    if segment > longest:
+        if segment == REFERENCE["segment"]:
+            return longest
+        where = f"bptt={bptt}" if not context else f"bptt - eval_context = {bptt} - {context}"
+        raise UserError(f"dynamic.segment={segment} is longer than the {longest} tokens a window scores ({where}): "
+                        f"the segments are cut from windows of bptt tokens; use dynamic.segment<={longest} (5 = the "
+                        f"reference's) or a larger bptt")
+    return segment
 
 
 class Dynamic:

@@ -99,13 +99,13 @@ def adapted_scores(model, train_ids: torch.Tensor, ids: torch.Tensor, bptt: int,
                    context: int = 0) -> Dict[str, float]:
     """``trainer.final_eval``: the mean NLL of ``ids`` (one stream) with the cache (``"cache"``), dynamic
     evaluation (``"dynamic"``) or ``"both"`` (each alone, and together), at their default settings (the cache's
-    for ``data_name``; dynamic evaluation on segments of 5 tokens, or of ``bptt`` when shorter); the gradient
+    for ``data_name``; dynamic evaluation on segments of 5 tokens, fewer when a window scores fewer); the gradient
     statistics from ``train_ids``. Keys: ``cache``, ``dynamic``, ``both``, and ``seconds``."""
     t = time.perf_counter()
     data = batchify(ids, 1, device)
     want = {"cache": ["cache"], "dynamic": ["dynamic"], "both": ["cache", "dynamic", "both"]}[methods]
-    base = DynamicConfig(enabled=True)
-    dyn_cfg = dynamics.settings(DynamicConfig(enabled=True, segment=min(base.segment, bptt)), bptt)
+    segment = dynamics.segment_for(DynamicConfig().segment, bptt, context)
+    dyn_cfg = dynamics.settings(DynamicConfig(enabled=True, segment=segment), bptt)
     cache_cfg = caching.settings(CacheConfig(enabled=True), data_name)
     ms = gradient_stats(model, train_ids, dyn_cfg.segment, device, precision, bptt=bptt, context=context) \
         if set(want) & {"dynamic", "both"} else None
@@ -116,5 +116,6 @@ def adapted_scores(model, train_ids: torch.Tensor, ids: torch.Tensor, bptt: int,
         segment = dyn_cfg.segment if dyn is not None else (bptt - context if getattr(model, "stateless", False)
                                                            else bptt)
         out[m] = evaluate(model, data, segment, device, precision, cache, dyn, bptt, context)["loss"]
+        del dyn  # (its copies of the weights, before the next one makes its own)
     out["seconds"] = time.perf_counter() - t
     return out

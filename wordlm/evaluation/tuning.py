@@ -9,7 +9,10 @@ it can find: the cache's lambda 0.2, the old grid's edge, is no longer the large
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..config import UserError
 
 Point = Dict[str, float]
 
@@ -28,22 +31,30 @@ def search(grid: Dict[str, Sequence[float]], loss: Callable[[Point], float], rou
            limits: Optional[Dict[str, float]] = None) -> Tuple[Point, float, List[Point]]:
     """The point of lowest ``loss`` over ``grid`` (its product), widened past its edges; returns the best point, its
     loss and every point tried (with its loss under ``"loss"``). ``limits``: an upper bound per setting (e.g. the
-    cache's window, by the tokens it could hold)."""
+    cache's window, by the tokens it could hold). A point whose loss is not finite, or whose scoring diverges (a
+    UserError, e.g. dynamic evaluation blowing up), counts as infinitely bad and the search goes on."""
     keys = list(grid)
     tried: List[Point] = []
 
     def score(point: Point) -> float:
-        value = loss(point)
+        try:
+            value = float(loss(point))
+        except UserError:
+            value = math.inf
+        value = value if math.isfinite(value) else math.inf
         tried.append({**point, "loss": value})
         return value
 
-    best, best_loss = None, float("inf")
+    best, best_loss = None, math.inf
     for values in itertools.product(*(grid[k] for k in keys)):
         point = dict(zip(keys, values, strict=True))
         value = score(point)
         if best is None or value < best_loss:
             best, best_loss = point, value
     assert best is not None
+    if not math.isfinite(best_loss):
+        raise UserError("tune=true: every setting of the grid diverged or scored a non-finite loss; check the "
+                        "checkpoint with a plain evaluation first")
     for k in keys:
         edges = sorted(grid[k])
         for direction, edge in ((0, edges[-1]), (1, edges[0])):

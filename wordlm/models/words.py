@@ -169,10 +169,11 @@ class AdaptiveSoftmax(nn.Module):
     """
 
     def __init__(self, in_dim: int, vocab_size: int, cutoffs: Sequence[int], div_value: float,
-                 dropout: float = 0.0, tie: Optional[AdaptiveInput] = None):
+                 dropout: float = 0.0, tie: Optional[AdaptiveInput] = None, input_dropout: bool = True):
         super().__init__()
         self.edges = bands(vocab_size, cutoffs)
         self.shortlist, self.n_clusters, self.dropout = self.edges[1], len(self.edges) - 2, dropout
+        self.input_dropout = dropout if input_dropout else 0.0  # (False: checkpoints from before 2026-12-06)
         widths = band_dims(in_dim, len(self.edges) - 1, div_value)[1:]
         self.head_clusters = nn.Parameter(torch.empty(self.n_clusters, in_dim))
         nn.init.xavier_uniform_(self.head_clusters)
@@ -208,7 +209,7 @@ class AdaptiveSoftmax(nn.Module):
 
     def log_prob(self, h: torch.Tensor) -> torch.Tensor:
         """(..., V) log-probabilities over the whole vocabulary (every cluster computed for every position)."""
-        h = F.dropout(h, self.dropout, self.training) if self.dropout else h
+        h = F.dropout(h, self.input_dropout, self.training) if self.input_dropout else h
         head = self._head(h)
         parts = [head[..., : self.shortlist]]
         for i in range(self.n_clusters):
@@ -220,8 +221,8 @@ class AdaptiveSoftmax(nn.Module):
         """(...) log-probability of each ``target``: the head for every position, a cluster only for the positions
         whose target lies in it."""
         shape = target.shape
-        if self.dropout:
-            h = F.dropout(h, self.dropout, self.training)
+        if self.input_dropout:
+            h = F.dropout(h, self.input_dropout, self.training)
         flat_h, flat_t = h.reshape(-1, h.size(-1)), target.reshape(-1)
         head = self._head(flat_h)
         edges = torch.tensor(self.edges[1:-1], device=flat_t.device, dtype=flat_t.dtype)
@@ -249,7 +250,8 @@ def make_output(cfg: ModelConfig, in_dim: int, vocab_size: int, encoder: nn.Modu
     ``model.tied`` (the full one by sharing the weight matrix, which the model does after its own init)."""
     if cfg.softmax == "adaptive":
         tie = encoder if cfg.tied else None
-        return AdaptiveSoftmax(in_dim, vocab_size, cfg.cutoffs, cfg.div_value, cfg.adaptive_dropout, tie=tie)
+        return AdaptiveSoftmax(in_dim, vocab_size, cfg.cutoffs, cfg.div_value, cfg.adaptive_dropout, tie=tie,
+                               input_dropout=cfg.adaptive_dropout_input)
     return Softmax(in_dim, vocab_size, bias=bias)
 
 
