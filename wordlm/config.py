@@ -232,7 +232,7 @@ class DynamicConfig:
     decay: Optional[float] = None  # lambda, the pull towards the trained weights; null = 2e-3 x segment / 5
     eps: float = 2e-5  # epsilon in grad / (MS + eps)
     rule: str = "rms"  # rms (Krause's RMS-normalised rule with decay) | sgd
-    segment: Optional[int] = 5  # tokens per update (and per gradient-statistics batch), <= bptt; null = bptt
+    segment: Optional[int] = 5  # tokens per update (and per statistics batch), at most a window's; null = a window
     stat_batches: Optional[int] = None  # training batches (of 100 columns) for the gradient statistics; null = all
 
 

@@ -63,7 +63,7 @@ def validate(cfg: EvaluateConfig) -> None:
                             f"the update divides by these gradient statistics")
         if d.segment is not None and d.segment < 1:
             raise UserError(f"dynamic.segment={d.segment} must be >= 1 (tokens per update; 5 = the reference's) or "
-                            f"null (= bptt)")
+                            f"null (= a whole window)")
         if cfg.batch_size not in (None, 1):
             raise UserError(f"dynamic evaluation reads the text as one stream: batch_size={cfg.batch_size} would "
                             f"adapt the weights on later text (the next columns) before scoring earlier text; "
