@@ -98,7 +98,9 @@ def test_bench_to_ppl_times_both_programs_to_the_target(tmp_path, corpus_dir):
     row = json.loads(p.stdout.strip().splitlines()[-1])
     assert row["target_ppl"] == 1000 and row["seconds_to_target"] == row["curve"][0]["seconds"]
     assert row["baseline_seconds_to_target"] == row["baseline_curve"][0]["seconds"]  # its first epoch is below 1000
-    assert row["time_ratio"] == pytest.approx(row["seconds_to_target"] / row["baseline_seconds_to_target"], rel=0.01)
+    # (time_ratio is rounded to 3 decimals: at a ratio near 0.03 that alone is 1.5 %)
+    assert row["time_ratio"] == pytest.approx(row["seconds_to_target"] / row["baseline_seconds_to_target"], rel=0.01,
+                                              abs=5e-4)
     assert len(row["baseline_curve"]) == 2 and row["runs_process_seconds"][0] >= row["seconds_to_target"]
 
     bad = subprocess.run([sys.executable, "-m", "wordlm.bench", "--to-ppl", "low", "--baseline", str(baseline)],

@@ -340,7 +340,8 @@ def test_presets_are_listed_and_set_the_classic_sizes(tmp_path):
     assert job["model"] == {"name": "lstm", "emsize": 1500, "nhid": 1500, "nlayers": 2, "dropout": 0.65,
                             "tied": True, "dropouti": None, "dropouth": None, "dropoute": 0.0, "wdrop": 0.0,
                             "locked": False, "last_nhid": None, "softmax": "full", "cutoffs": [2000, 10000],
-                            "div_value": 4.0, "adaptive_input": False, "adaptive_dropout": 0.0}
+                            "div_value": 4.0, "adaptive_input": False, "adaptive_dropout": 0.0,
+                            "adaptive_dropout_input": True}
     assert job["optim"]["name"] == "sgd" and job["optim"]["lr"] == 20.0 and job["trainer"]["epochs"] == 40
     p = run_cli("train.py", ["experiment=classic_medium", "model.dropout=0.4", "--cfg", "job"], cwd=tmp_path,
                 check=True)

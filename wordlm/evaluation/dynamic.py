@@ -104,7 +104,7 @@ def gradient_stats(model: torch.nn.Module, train_ids: torch.Tensor, segment: int
                    context: int = 0) -> Dict[str, torch.Tensor]:
     """MS: root-mean-square gradient of each weight over training batches of ``batch_size`` columns, cut into the
     segments the evaluation updates on (eval mode: no dropout); a stateless model's segments carry the history
-    they carry in the evaluation (``bptt``, ``context``: :func:`wordlm.evaluation.stream.windows`)."""
+    they carry in the evaluation (``bptt``, ``context``: :func:`wordlm.evaluation.scoring.windows`)."""
     data = batchify(train_ids, batch_size, device)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     sq = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
