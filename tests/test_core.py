@@ -373,6 +373,11 @@ def test_pip_install_then_train_from_another_folder(corpus, tmp_path):
     assert list((tmp_path / "xdg" / "wordlm" / "data" / "cache").glob("corpus-*/cache-*.pt"))
     site = Path(where).parents[1]  # site-packages
     assert not list(site.rglob("cache-*.pt")) and not (site / "data").exists()
+    # The search configs and the SLURM launcher config ship too, and compose from the installed copy.
+    assert (site / "wordlm" / "conf" / "hparams_search" / "classic.yaml").is_file()
+    p = subprocess.run([str(venv / "bin" / "wordlm-train"), "hparams_search=classic", "hydra/launcher=slurm",
+                        "--cfg", "hydra"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "OptunaSweeper" in p.stdout and "SlurmLauncher" in p.stdout, p.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------- resume corner cases

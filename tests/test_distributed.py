@@ -179,3 +179,77 @@ def test_adaptive_layers_on_two_ranks_match_one_process(corpus, tmp_path):
         # Relative: fp32 sums reduced in another order (two ranks' all-reduce) drift by a few ulps a step; on an
         # AVX-512 CPU 1.2e-5 at loss 3.6 by step 18 (before and after the change that made this relative).
         assert abs(b[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, b[step], loss)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes_command() -> list:
+    """docs/operations.md's two-machine torchrun command, launcher part: what the two-node test runs, with the
+    host changed to this machine, one process per node, and a free port."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    line = next(s.strip() for s in text.splitlines() if s.strip().startswith("torchrun --nnodes=2"))
+    words = line.split()
+    launcher = words[1:words.index("train.py")]
+    port = _free_port()
+    out = []
+    for w in launcher:
+        if w.startswith("--node_rank="):
+            continue  # (each agent gets its own below)
+        w = w.replace("host0:29500", f"127.0.0.1:{port}")
+        out.append("--nproc_per_node=1" if w.startswith("--nproc_per_node=") else w)
+    assert f"--rdzv-endpoint=127.0.0.1:{port}" in out and "--nnodes=2" in out and "--rdzv-backend=c10d" in out
+    return out
+
+
+def _two_nodes(args: list, tmp: Path, timeout: float = 180) -> list:
+    """Two torchrun agents on this machine as two nodes (node ranks 0 and 1), one CPU process each; their output
+    goes to files (a full pipe would block one agent while the other is waited on)."""
+    launcher = two_nodes_command()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    logs = [tmp / f"node{rank}.log" for rank in (0, 1)]
+    procs = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", *launcher, f"--node_rank={rank}",
+                 "--monitor-interval=0.5", str(ROOT / "train.py"), *args], cwd=ROOT, stdout=out,
+                stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True))
+    try:
+        for p, log in zip(procs, logs, strict=True):
+            p.wait(timeout=timeout)
+            assert p.returncode == 0, log.read_text()[-4000:]
+    finally:
+        for p in procs:  # an agent and its workers, should one hang
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    return [log.read_text() for log in logs]
+
+
+def test_two_nodes_match_one_process_and_their_checkpoint_resumes_in_one(corpus, single, single_run, tmp_path):
+    # The same global batch as one process: each node's rank trains on half the columns.
+    run = tmp_path / "nodes"
+    outs = _two_nodes(train_args(corpus, run, *DET, "trainer.max_steps=12", "trainer.eval_every=6"), tmp_path)
+    assert any("world 2" in o for o in outs)
+    got = tb_losses(run)
+    assert sorted(got) == sorted(single)
+    for step, loss in single.items():
+        assert abs(got[step] - loss) <= 1e-4 * abs(loss), (step, got[step], loss)
+    m, one = (json.loads((r / "metrics.json").read_text()) for r in (run, single_run))
+    assert m["world_size"] == 2 and abs(m["test_loss"] - one["test_loss"]) <= 1e-4 * one["test_loss"]
+    # A checkpoint the two nodes wrote at step 7 resumes in one process, which goes on as one process would have.
+    accum = ["trainer.batch_size=2", "trainer.grad_accum=2"]
+    mixed = tmp_path / "mixed"
+    _two_nodes(train_args(corpus, mixed, *DET, *accum, "trainer.max_steps=7"), tmp_path)
+    ck = torch.load(mixed / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["trainer"]["step"] == 7 and ck["trainer"]["world"] == 2
+    run_cli("train.py", train_args(corpus, mixed, *DET, *accum, "trainer.max_steps=12", "trainer.resume=auto"),
+            check=True)
+    got = tb_losses(mixed)
+    for step, loss in single.items():
+        assert abs(got[step] - loss) <= 1e-4 * abs(loss), (step, got[step], loss)

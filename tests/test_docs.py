@@ -78,6 +78,9 @@ def _train_overrides(cmd: str, corpus: Path, ckpt: Path, tmp: Path):
     jobs = [[]]
     for a in args:
         key, _, value = a.partition("=")
+        if re.match(r"^(interval|range|choice|tag)\(", value):  # a search space (Optuna): its first value
+            value = value[value.rfind("(") + 1:].split(",")[0].strip(" )")
+            a = f"{key}={value}"
         if "," in value and not value.startswith("["):  # a sweep: each value is a job
             jobs = [[*j, f"{key}={v}"] for j in jobs for v in value.split(",")]
         else:

@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from . import record
-from .config import _SECTIONS, UserError, conf_dir, flatten, to_dict
+from .config import _SECTIONS, UserError, conf_dir, flatten, objective_key, to_dict
 from .tracking import write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
 
 log = logging.getLogger("wordlm")
-CONF_DIR = str(conf_dir())  # conf/ of the checkout, or wordlm/conf inside an installed wheel
+CONF_DIR = str(conf_dir())
+# hydra.run.dir and hydra.sweep.subdir name a run's folder with this resolver. Registered on import: a launcher
+# that runs jobs in other processes (joblib's workers, submitit's SLURM jobs) resolves the folder there.
+record.register_resolver()  # conf/ of the checkout, or wordlm/conf inside an installed wheel
 
 
 class RunLogFile(logging.FileHandler):
@@ -55,6 +58,13 @@ class RunLogFile(logging.FileHandler):
         for h in logging.getLogger().handlers:
             if isinstance(h, RunLogFile):
                 h.start()
+
+
+class TrialFailed(Exception):
+    """A job of a sweep (``-m``) that started and then failed: it diverged or crashed. Its folder records the error;
+    Hydra records a failed job, and the Optuna sweeper a failed trial, and the study goes on (as far as its
+    ``max_failure_rate`` lets it). A refusal before the job starts (a wrong key or value) stops the sweep instead:
+    the same mistake would refuse every job."""
 
 
 class Exit(Exception):
@@ -141,11 +151,20 @@ def _run_and_report(func: Callable[[], Any]) -> Any:
         return func()
     except (UserError, Exit) as e:
         leave(e)
+    except TrialFailed as e:  # Hydra's sweeper raises a failed job's error once the jobs of its batch have run
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        die(f"a job of the sweep failed: {e}. Its folder holds its train.log and metrics.json (with the Optuna "
+            f"sweeper, hydra.sweeper.max_failure_rate=1 lets a study go on past failed trials; the hparams_search "
+            f"configs set it)")
     except (HydraException, OmegaConfBaseException) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         die(one_line(e))
     except (OSError, ValueError) as e:  # Hydra creating the run folder or its log file
+        if "No trials are completed yet" in str(e):  # Optuna, asked for the best of a study whose trials all failed
+            die("no trial of the study completed: every one failed (each one's error is above, and in its folder's "
+                "train.log and metrics.json)")
         io = _os_error(e)
         if io is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -190,6 +209,10 @@ def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], A
         # "Error executing job with overrides" line from Hydra before ours.
         try:
             return task(dc)
+        except TrialFailed as e:  # (a sweep's job: reported here, then Hydra's sweeper counts it as failed)
+            sys.stderr.write(f"wordlm: error: {e}\n")
+            sys.stderr.flush()
+            raise
         except (UserError, Exit) as e:
             leave(e)
 
@@ -203,6 +226,9 @@ def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], A
             from .compose import register_configs  # (torch, through the model registry: after --help's parse)
 
             sys.argv[1:] = _quote_home_paths(sys.argv[1:])
+            missing = _missing_plugin(sys.argv[1:])
+            if missing:
+                die(missing)
             register_configs()
             _install_reporting()
             wrapped = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(job)
@@ -217,6 +243,39 @@ def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], A
             leave(Exit(130, f"interrupted by Ctrl-C{what}"))
 
     return main
+
+
+# What asks for one of Hydra's plugins (the extra wordlm[sweep] installs them): the plugin's module, its name.
+_PLUGINS = {"optuna": ("hydra_optuna_sweeper", "Optuna sweeper"),
+            "joblib": ("hydra_joblib_launcher", "joblib launcher"),
+            "submitit": ("hydra_submitit_launcher", "submitit launcher")}
+
+
+def _missing_plugin(argv: list) -> str | None:
+    """One line naming the extra to install, where the command asks for a Hydra plugin that is not installed
+    (Hydra itself would only say that it cannot find the config)."""
+    import importlib.util
+
+    for a in argv:
+        key, _, value = a.partition("=")
+        key = key.lstrip("+~")
+        if key == "hydra/sweeper" and value == "optuna" or key == "hparams_search" and value not in ("", "null"):
+            plugin = "optuna"
+        elif key == "hydra/launcher" and value == "joblib":
+            plugin = "joblib"
+        elif key == "hydra/launcher" and (value.startswith("submitit") or value == "slurm"):
+            plugin = "submitit"
+        else:
+            continue
+        module, name = _PLUGINS[plugin]
+        try:
+            found = importlib.util.find_spec(f"hydra_plugins.{module}") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return (f"{a} needs Hydra's {name} plugin, which is not installed: pip install 'wordlm[sweep]' (or "
+                    f"pip install hydra-{module.split('_', 1)[1].replace('_', '-')})")
+    return None
 
 
 # ---------------------------------------------------------------------------- train
@@ -237,6 +296,7 @@ def _train(dc: DictConfig) -> dict:
     if not d.main:
         logging.getLogger("wordlm").setLevel(logging.WARNING)  # (one rank speaks)
     dc, cfg = _run_config(dc)
+    sweep = _sweep_job(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # A train.log write that fails (a full disk) must not print a traceback per log line: the failure that
     # matters (a checkpoint or events that cannot be written) stops the run with one line.
@@ -274,7 +334,7 @@ def _train(dc: DictConfig) -> dict:
         RunLogFile.start_all()
         metrics = trainer.fit()
         log.info("outputs in %s", run_dir)
-        return metrics
+        return _objective(metrics, cfg, sweep)
     except Interrupted as e:
         hint = _resume_hint(e, run_dir, d) if d.main else ""
         log.warning("%s", hint)
@@ -282,6 +342,9 @@ def _train(dc: DictConfig) -> dict:
     except (torch.distributed.DistError, RuntimeError) as e:
         if not (d.enabled and _is_peer_failure(e)):
             _record_failure(trainer if started else None, f"{type(e).__name__}: {_first_line(e)}")
+            if sweep and started:  # (the traceback goes to train.log: the sweep reports one line and goes on)
+                log.error("the trial's traceback:", exc_info=e)
+                raise TrialFailed(f"{run_dir}: {type(e).__name__}: {_first_line(e)}") from e
             raise
         message = (f"rank {d.rank} lost contact with another rank ({_first_line(e)[:300]}); the job stops. "
                    f"Resume with trainer.resume={run_dir / 'checkpoints' / 'last.pt'}")
@@ -298,10 +361,14 @@ def _train(dc: DictConfig) -> dict:
             trainer.report.partial("interrupted", message)
         raise Exit(130, message if d.main else "") from None
     except Exception as e:  # a failed run: its error line goes into train.log and metrics.json, then out
-        if isinstance(e, Exit):
+        if isinstance(e, (Exit, TrialFailed)):
             raise
-        _record_failure(trainer if started else None,
-                        str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {_first_line(e)}")
+        line = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {_first_line(e)}"
+        _record_failure(trainer if started else None, line)
+        if sweep and started:  # a trial that diverged or crashed: the study goes on
+            if not isinstance(e, UserError):  # a bug: its traceback in train.log
+                log.error("the trial's traceback:", exc_info=e)
+            raise TrialFailed(f"{run_dir}: {line}") from e
         raise
     finally:
         if trainer is not None:
@@ -311,6 +378,55 @@ def _train(dc: DictConfig) -> dict:
         if not started and d.main:  # a refused command leaves no empty folder behind (and removes nothing else)
             _remove_if_empty(run_dir)
         distributed.shutdown()
+
+
+def _sweep_job(cfg: Any) -> bool:
+    """Whether this run is a job of a sweep (-m); there, joblib's parallel jobs split the cores."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    sweep = hc.mode == RunMode.MULTIRUN
+    search = hc.runtime.choices.get("hparams_search")
+    if search and not sweep:
+        log.warning("hparams_search=%s without -m (--multirun) trains one run with the search's budget, not a study: "
+                    "add -m for the study", search)
+    _split_threads(cfg)
+    return sweep
+
+
+def _objective(metrics: dict, cfg: Any, sweep: bool) -> float | None:
+    """What the run returns to Hydra: the number ``sweep.objective`` names, which a sweeper (Optuna) minimises or
+    maximises. A sweep's job without it is a failed trial (a plain run just returns None)."""
+    import math
+
+    key = objective_key(cfg.sweep.objective)
+    value = metrics.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if sweep:
+        raise TrialFailed(f"sweep.objective={cfg.sweep.objective}: the run completed but its metrics.json has "
+                          f"{key}={value}, not a finite number")
+    return None
+
+
+def _split_threads(cfg: Any) -> None:
+    """Jobs that hydra/launcher=joblib runs at once share the cores: each gets cores // n_jobs threads unless
+    trainer.threads says otherwise (torch's default, every core per job, makes them fight)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    launcher = hc.launcher
+    if cfg.trainer.threads is not None or "JoblibLauncher" not in str(launcher.get("_target_", "")):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = int(launcher.get("n_jobs") or 1)
+    n = cores + 1 + n if n < 0 else n  # (joblib: -1 = every core, -2 all but one, ...)
+    batch = hc.sweeper.get("n_jobs")  # the Optuna sweeper hands the launcher this many trials at a time
+    n = max(1, min(cores, n, int(batch) if batch else n))
+    cfg.trainer.threads = max(1, cores // n)
+    log.info("hydra/launcher=joblib with n_jobs=%d on %d cores: trainer.threads=%d per job", n, cores,
+             cfg.trainer.threads)
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -168,6 +168,30 @@ class LossConfig:
     tar: float = 0.0  # temporal AR (beta): tar * mean((raw last-layer output[t+1] - output[t]) ** 2)
 
 
+# sweep.objective: the number a run returns to Hydra's sweeper (the Optuna sweeper minimises it by default): a
+# TensorBoard tag, or a number of metrics.json under its own key.
+OBJECTIVE_TAGS = {"valid/best_ppl": "best_valid_ppl", "valid/best_loss": "best_valid_loss", "test/ppl": "test_ppl",
+                  "test/loss": "test_loss", "test/ppl_cache": "test_ppl_cache", "test/ppl_dynamic": "test_ppl_dynamic",
+                  "test/ppl_both": "test_ppl_both"}
+METRICS_NUMBERS = ("best_valid_loss", "best_valid_ppl", "test_loss", "test_ppl", "test_ppl_cache", "test_ppl_dynamic",
+                   "test_ppl_both", "steps", "epochs", "tokens", "train_tokens_per_sec", "params", "seconds",
+                   "train_seconds", "eval_seconds", "seconds_to_target", "final_eval_seconds")
+
+
+@dataclass
+class SweepConfig:
+    """What a run returns to a sweep (``python train.py -m hparams_search=...``; docs/operations.md)."""
+
+    # a TensorBoard tag (valid/best_ppl, test/ppl, test/ppl_dynamic, ...) or a metrics.json number
+    # (train_tokens_per_sec, seconds_to_target, ...); the sweeper's direction says whether lower is better
+    objective: str = "valid/best_ppl"
+
+
+def objective_key(name: str) -> str:
+    """metrics.json's key for ``sweep.objective`` (a tag or a key)."""
+    return OBJECTIVE_TAGS.get(name, name)
+
+
 @dataclass
 class Config:
     # a ModelConfig subclass, chosen by model.name (wordlm.compose.from_dict builds it from the registry)
@@ -176,6 +200,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # The run's name in its folder, TensorBoard and metrics.json; null = the overrides that change the run,
     # e.g. "model=transformer,optim=adamw" (wordlm.record.run_name)
     run_name: Optional[str] = None
@@ -326,6 +351,18 @@ def validate(cfg: Config) -> None:
     for k in ("ar", "tar"):
         v = getattr(cfg.loss, k)
         _check(v >= 0, f"loss.{k}={v} must be >= 0")
+    key = objective_key(cfg.sweep.objective)
+    _check(key in METRICS_NUMBERS,
+           f"sweep.objective='{cfg.sweep.objective}' is not a number of metrics.json: use a tag "
+           f"({', '.join(OBJECTIVE_TAGS)}) or one of {', '.join(k for k in METRICS_NUMBERS if '_ppl_' not in k)}")
+    method = key.rpartition("_ppl_")[2] if "_ppl_" in key else ""
+    _check(not method or t.final_eval in (method, "both"),
+           f"sweep.objective={cfg.sweep.objective} is scored only with trainer.final_eval="
+           f"{method if method == 'both' else method + '|both'} (got {t.final_eval})")
+    _check(key != "seconds_to_target" or t.target_ppl is not None,
+           "sweep.objective=seconds_to_target needs trainer.target_ppl (the perplexity whose time it measures)")
+    _check(key != "final_eval_seconds" or t.final_eval != "static",
+           "sweep.objective=final_eval_seconds needs trainer.final_eval=cache|dynamic|both")
     d = cfg.data
     _check(d.min_freq >= 1, f"data.min_freq={d.min_freq} must be >= 1")
     _check(d.max_vocab is None or d.max_vocab >= 3, f"data.max_vocab={d.max_vocab} must be >= 3 or null")
@@ -340,12 +377,14 @@ RESUMABLE = frozenset({
     "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.device", "trainer.threads", "trainer.progress",
     "trainer.compile", "trainer.resume", "trainer.init_from", "trainer.sample_words", "trainer.dist_timeout_s",
     "trainer.max_bad_steps", "trainer.deterministic", "trainer.debug_nan_at_step", "trainer.debug_nan_steps",
-    "optim.fused", "run_name", "data.root", "data.dir", "data.url", "data.checksum", "data.cache", "data.cache_dir",
+    "optim.fused", "run_name", "sweep.objective",
+    "data.root", "data.dir", "data.url", "data.checksum", "data.cache", "data.cache_dir",
 })
 
 
 # model: by its name
-_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig, "loss": LossConfig}
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig, "loss": LossConfig,
+             "sweep": SweepConfig}
 
 
 def build(cls: type, values: dict) -> Any:

@@ -19,7 +19,7 @@ from .config import conf_dir, flatten, to_dict
 NOT_IN_NAME = frozenset({
     "run_name", "trainer.resume", "trainer.init_from", "trainer.progress", "trainer.log_interval",
     "trainer.sample_words", "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.dist_timeout_s",
-    "data.root", "data.cache", "data.cache_dir", "data.url", "data.checksum",
+    "data.root", "data.cache", "data.cache_dir", "data.url", "data.checksum", "sweep.objective",
 })
 NAME_MAX = 80  # characters of a run name kept in its folder's name
 
@@ -52,6 +52,8 @@ def run_name(given: Any, overrides: Iterable[str], flat: Optional[Dict[str, Any]
             continue
         if "/" in value:
             value = value.rstrip("/").rsplit("/", 1)[-1]
+        if re.fullmatch(r"-?\d+\.\d{5,}(e[-+]?\d+)?", value):  # a sweeper's sampled 8.344221972306672: 4 digits
+            value = f"{float(value):.4g}"
         parts.append(f"{key}={value}")
     return ",".join(parts) or "defaults"
 

@@ -62,6 +62,7 @@ def search(grid: Dict[str, Sequence[float]], loss: Callable[[Point], float], rou
                 continue
             for _ in range(rounds):
                 nxt = STEPS[k][direction](best[k])
+                nxt = nxt if nxt is None or k == "window" else float(f"{nxt:.6g}")  # 0.3, not 0.30000000000000004
                 if nxt is None or (limits and k in limits and nxt > limits[k]) or nxt == best[k]:
                     break
                 point = {**best, k: nxt}
