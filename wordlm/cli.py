@@ -24,10 +24,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from omegaconf import DictConfig
 
 log = logging.getLogger("wordlm")
-CONF_DIR = str(conf_dir())
+CONF_DIR = str(conf_dir())  # conf/ of the checkout, or wordlm/conf inside an installed wheel
 # hydra.run.dir and hydra.sweep.subdir name a run's folder with this resolver. Registered on import: a launcher
 # that runs jobs in other processes (joblib's workers, submitit's SLURM jobs) resolves the folder there.
-record.register_resolver()  # conf/ of the checkout, or wordlm/conf inside an installed wheel
+record.register_resolver()
 
 
 class RunLogFile(logging.FileHandler):
