@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -279,7 +280,7 @@ def _missing_plugin(argv: list) -> str | None:
 
 
 # ---------------------------------------------------------------------------- train
-def _train(dc: DictConfig) -> dict:
+def _train(dc: DictConfig) -> float | None:
     import torch.distributed
     from hydra.core.hydra_config import HydraConfig
 
@@ -342,9 +343,8 @@ def _train(dc: DictConfig) -> dict:
     except (torch.distributed.DistError, RuntimeError) as e:
         if not (d.enabled and _is_peer_failure(e)):
             _record_failure(trainer if started else None, f"{type(e).__name__}: {_first_line(e)}")
-            if sweep and started:  # (the traceback goes to train.log: the sweep reports one line and goes on)
-                log.error("the trial's traceback:", exc_info=e)
-                raise TrialFailed(f"{run_dir}: {type(e).__name__}: {_first_line(e)}") from e
+            if sweep and started:
+                raise _failed_trial(e, run_dir, f"{type(e).__name__}: {_first_line(e)}") from e
             raise
         message = (f"rank {d.rank} lost contact with another rank ({_first_line(e)[:300]}); the job stops. "
                    f"Resume with trainer.resume={run_dir / 'checkpoints' / 'last.pt'}")
@@ -366,9 +366,7 @@ def _train(dc: DictConfig) -> dict:
         line = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {_first_line(e)}"
         _record_failure(trainer if started else None, line)
         if sweep and started:  # a trial that diverged or crashed: the study goes on
-            if not isinstance(e, UserError):  # a bug: its traceback in train.log
-                log.error("the trial's traceback:", exc_info=e)
-            raise TrialFailed(f"{run_dir}: {line}") from e
+            raise _failed_trial(e, run_dir, line) from e
         raise
     finally:
         if trainer is not None:
@@ -395,11 +393,17 @@ def _sweep_job(cfg: Any) -> bool:
     return sweep
 
 
+def _failed_trial(e: BaseException, run_dir: Path, line: str) -> TrialFailed:
+    """A sweep's job that failed after it started, as the sweeper is to see it: one line (``line``, already in its
+    train.log and metrics.json); a bug's traceback goes to train.log too."""
+    if not isinstance(e, UserError):
+        log.error("the trial's traceback:", exc_info=e)
+    return TrialFailed(f"{run_dir}: {line}")
+
+
 def _objective(metrics: dict, cfg: Any, sweep: bool) -> float | None:
     """What the run returns to Hydra: the number ``sweep.objective`` names, which a sweeper (Optuna) minimises or
     maximises. A sweep's job without it is a failed trial (a plain run just returns None)."""
-    import math
-
     key = objective_key(cfg.sweep.objective)
     value = metrics.get(key)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
