@@ -115,3 +115,60 @@ def test_a_run_resumed_after_a_budget_stop_takes_the_uninterrupted_runs_decision
             assert torch.equal(resumed.model.state_dict()[k], v), (stop, k)
         assert resumed.state.scheduled_best == pytest.approx(ref.state.scheduled_best)
         assert m["best_valid_ppl"] <= min(sched) + 1e-3  # the resumed run's best also counts its stop
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_eval_from_outside_0_1_is_refused(value):
+    with pytest.raises(UserError, match=rf"trainer.eval_from={value} must be in \[0, 1\)"):
+        validate(_cfg(eval_from=value))
+
+
+def test_eval_from_with_a_target_perplexity_is_refused():
+    with pytest.raises(UserError, match="trainer.target_ppl is checked at validations, and trainer.eval_from=0.5"):
+        validate(_cfg(eval_from=0.5, target_ppl=100.0))
+
+
+def test_validation_starts_at_its_share_of_the_budget_and_the_final_weights_are_always_validated(corpus, tmp_path):
+    t = Trainer(_cfg(epochs=4, eval_from=0.5), read_corpus(corpus), tmp_path / "epochs")
+    m = t.fit()
+    spe = t.steps_per_epoch
+    assert [c["epochs"] for c in m["curve"]] == [2.0, 3.0, 4.0]  # epoch 1 ends at 25 % of the budget: skipped
+    assert [c["step"] for c in m["curve"]] == [2 * spe, 3 * spe, 4 * spe]
+    assert m["epochs_completed"] == 4 and math.isfinite(m["test_ppl"])
+    # a budget that ends before eval_from: no scheduled validation, but the stop's validation makes best.pt
+    t = Trainer(_cfg(max_steps=spe + 3, eval_from=0.99), read_corpus(corpus), tmp_path / "steps")
+    m = t.fit()
+    assert [c["step"] for c in m["curve"]] == [spe + 3]
+    assert checkpoint.load(tmp_path / "steps" / "checkpoints" / "best.pt")["trainer"]["step"] == spe + 3
+
+
+def test_a_run_resumed_past_a_skipped_validation_continues_exactly(corpus, tmp_path):
+    import shutil
+
+    from wordlm.training.callbacks import Callback
+
+    class Snapshot(Callback):  # last.pt as it is mid-way through the second epoch, kept aside
+        def __init__(self, at):
+            self.at = at
+
+        def on_step_end(self, trainer):
+            if trainer.step == self.at:
+                trainer.tick()
+                trainer.save_checkpoint("last")
+                shutil.copy(trainer.ckpt.last, tmp_path / "snap.pt")
+
+    def cfg():
+        return _cfg(optim=OptimConfig(lr=20.0, schedule="plateau"), epochs=4, eval_from=0.4)
+
+    ref = Trainer(cfg(), read_corpus(corpus), tmp_path / "ref")
+    snap = ref.steps_per_epoch + 5
+    ref.callbacks.append(Snapshot(snap))
+    m_ref = ref.fit()
+    resumed = Trainer(cfg(), read_corpus(corpus), tmp_path / "resumed")
+    resumed.callbacks.append(Snapshot(None))  # the same callbacks as the run it continues
+    resumed.resume(tmp_path / "snap.pt")
+    m = resumed.fit()
+    assert [c["step"] for c in m["curve"]] == [c["step"] for c in m_ref["curve"]]
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+    assert m["test_ppl"] == pytest.approx(m_ref["test_ppl"], rel=1e-6)

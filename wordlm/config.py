@@ -138,6 +138,9 @@ class TrainerConfig:
     max_steps: Optional[int] = None  # stop after this many optimizer steps (still evaluate, save, test)
     max_minutes: Optional[float] = None  # wall-clock budget of the whole run (then evaluate, save, test)
     eval_every: Optional[int] = None  # also validate every N optimizer steps (not only at epoch ends)
+    # scheduled validations (epoch ends, eval_every) start once this fraction of the run's budget is spent (its
+    # steps or max_minutes, whichever runs out first); the final weights are validated whatever it is
+    eval_from: float = 0.0
     target_ppl: Optional[float] = None  # stop once a validation reaches this perplexity (time-to-target runs)
     init_from: Optional[str] = None  # start a new run from this checkpoint's model weights only
     precision: str = "auto"  # training: auto | fp32 | bf16 | fp16
@@ -304,6 +307,11 @@ def validate(cfg: Config) -> None:
            f"trainer.eval_context={t.eval_context} must be in [0, trainer.bptt={t.bptt}) or null (= bptt // 2)")
     _check(t.eval_every is None or t.eval_every >= 1, f"trainer.eval_every={t.eval_every} must be >= 1 or null")
     _check(t.target_ppl is None or t.target_ppl > 1, f"trainer.target_ppl={t.target_ppl} must be > 1 or null")
+    _check(0 <= t.eval_from < 1, f"trainer.eval_from={t.eval_from} must be in [0, 1) (the share of the budget spent "
+                                 f"before scheduled validations start)")
+    _check(not (t.eval_from and t.target_ppl is not None),
+           f"trainer.target_ppl is checked at validations, and trainer.eval_from={t.eval_from:g} skips them until "
+           f"then: drop one (trainer.eval_from=0)")
     for k in ("checkpoint_every", "checkpoint_minutes", "max_minutes"):
         v = getattr(t, k)
         _check(v is None or v > 0, f"trainer.{k}={v} must be > 0 or null")
@@ -373,7 +381,7 @@ def validate(cfg: Config) -> None:
 # precision) and must equal the checkpoint's: see :func:`resume_conflicts`.
 RESUMABLE = frozenset({
     "trainer.epochs", "trainer.max_steps", "trainer.max_minutes", "trainer.log_interval", "trainer.eval_every",
-    "trainer.target_ppl", "trainer.final_eval",
+    "trainer.eval_from", "trainer.target_ppl", "trainer.final_eval",
     "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.device", "trainer.threads", "trainer.progress",
     "trainer.compile", "trainer.resume", "trainer.init_from", "trainer.sample_words", "trainer.dist_timeout_s",
     "trainer.max_bad_steps", "trainer.deterministic", "trainer.debug_nan_at_step", "trainer.debug_nan_steps",

@@ -152,7 +152,7 @@ class Trainer:
         with self.ckpt.signals():
             while True:
                 if st.pos >= self.train_data.size(0) - 1:  # an epoch end whose validation is still due
-                    self._scheduled_validation(epoch_end=True)  # (a format-1 checkpoint saved just before it)
+                    self._validation(epoch_end=True)  # (a format-1 checkpoint saved just before it)
                 self.stop_reason = self.stop_reason or self._limit_reached()
                 if self.stop_reason:
                     break
@@ -176,11 +176,11 @@ class Trainer:
                 if self.device.type == "cpu" or st.step % tc.log_interval == 0:
                     self._check_bad_streak()  # a host sync: once an interval on GPUs
                 if epoch_end or (tc.eval_every and st.step % tc.eval_every == 0):
-                    self._scheduled_validation(epoch_end)
+                    self._validation(epoch_end)
                 self._between_steps()  # timed/signal checkpoints and the time budget
         self.report.stop()
         if st.validated_at != st.step:
-            self._stop_validation()
+            self._validation(scheduled=False)
         test = self._test()
         seconds = self.state.last_phase_s
         adapted = _final_eval(self) if tc.final_eval != "static" and self.dist.main else {}
@@ -200,49 +200,45 @@ class Trainer:
             return "epochs"
         return None
 
-    def _scheduled_validation(self, epoch_end: bool) -> None:
-        """Validate; keep the best weights; tell the schedule and callbacks; write best.pt and last.pt."""
+    def _validation(self, epoch_end: bool = False, scheduled: bool = True) -> None:
+        """Validate, keep the best weights, write best.pt and last.pt. A scheduled one (epoch ends, eval_every) also
+        informs the schedule and callbacks and checks target_ppl; a stop's does not, so its last.pt resumes as if it
+        had not happened. Before trainer.eval_from of the budget an epoch end only moves on and writes last.pt."""
         st = self.state
         self.throughput.pause()
         self.meter.pause()
+        if scheduled and self.budget_spent() < self.cfg.trainer.eval_from:
+            if epoch_end:
+                self._next_epoch()
+                self.tick()
+                self.save_checkpoint("last")
+            return
         val, improved = self._validate()
-        # The schedule and callbacks judge against the scheduled validations only (a stop's validation, which
-        # they never see, may have set best_val): a resumed run takes the decisions an uninterrupted one takes.
-        progress = st.scheduled_best is None or val < st.scheduled_best
-        st.scheduled_best = val if progress else st.scheduled_best
-        self.schedule.on_validation(progress, st.step)
-        for cb in self.callbacks:
-            cb.on_validation_end(self, val, progress)
+        if scheduled:
+            # judged against scheduled validations only (a stop's may have set best_val): resumes decide alike
+            progress = st.scheduled_best is None or val < st.scheduled_best
+            st.scheduled_best = val if progress else st.scheduled_best
+            self.schedule.on_validation(progress, st.step)
+            for cb in self.callbacks:
+                cb.on_validation_end(self, val, progress)
+            target = self.cfg.trainer.target_ppl
+            if target is not None and ppl(val) <= target and self.stop_reason is None:
+                self.stop_reason = "target"
         if epoch_end:
-            st.epoch += 1
-            st.pos = 0
-            self.states = self.fresh_states()
+            self._next_epoch()
         st.validated_at = st.step
-        self.report.validation(val, improved, self.state.last_phase_s)
+        self.report.validation(val, improved, st.last_phase_s)
         self._record_validation(val)
-        target = self.cfg.trainer.target_ppl
-        if target is not None and ppl(val) <= target and self.stop_reason is None:
-            self.stop_reason = "target"
         if improved:
             self.save_checkpoint("best", self.best_weights)
         self.save_checkpoint("last")
-        if epoch_end:
+        if epoch_end or not scheduled:
             self.report.sample()
 
-    def _stop_validation(self) -> None:
-        """A stop between scheduled validations (max_steps, max_minutes): the final weights are validated and
-        compete for best.pt like any others. The schedule and callbacks never see this validation, so last.pt
-        (written after it, with the run's best and curve) continues exactly as if it had not happened."""
-        self.throughput.pause()
-        self.meter.pause()
-        val, improved = self._validate()
-        self.state.validated_at = self.state.step
-        self.report.validation(val, improved, self.state.last_phase_s)
-        self._record_validation(val)
-        if improved:
-            self.save_checkpoint("best", self.best_weights)
-        self.save_checkpoint("last")
-        self.report.sample()
+    def _next_epoch(self) -> None:
+        self.state.epoch += 1
+        self.state.pos = 0
+        self.states = self.fresh_states()
 
     def _validate(self):
         """The valid loss of the weights validation uses; whether it beats the best (then kept, on the CPU).
@@ -354,6 +350,10 @@ class Trainer:
     def epochs_done(self) -> float:
         """Epochs trained, fractional: 1.5 is half-way through the second."""
         return self.state.epoch + self.state.pos / max(1, self.train_data.size(0) - 1)
+
+    def budget_spent(self) -> float:
+        """The share of the budget spent: steps, or time as the ranks last agreed on it (whichever is further)."""
+        return max(self.state.step / max(1, self.total_steps), self.schedule.time_frac)
 
     def elapsed(self) -> float:
         return self._seconds_before + time.perf_counter() - self._t_start

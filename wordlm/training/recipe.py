@@ -95,8 +95,7 @@ class NTASGD(Callback):
 
     def on_step_end(self, trainer: "Trainer") -> None:
         if not self.averaging and self.average_from is not None:
-            # the share of the budget spent: steps, or the time budget as the ranks last agreed on it
-            spent = max(trainer.step / max(1, trainer.total_steps), trainer.schedule.time_frac)
+            spent = trainer.budget_spent()
             if spent >= self.average_from:
                 log.info("averaging the weights from step %d on: %.0f%% of the budget is spent "
                          "(optim.average_from=%g)", trainer.step, 100 * spent, self.average_from)

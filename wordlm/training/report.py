@@ -62,6 +62,9 @@ class RunReport:
         parts = recipe.describe(t.cfg)
         if parts:
             log.info("recipe: %s", parts)
+        if tc.eval_from:
+            log.info("validation from %.0f%% of the budget on (trainer.eval_from=%g); the final weights are validated "
+                     "whenever the run stops", 100 * tc.eval_from, tc.eval_from)
         settings = self.settings()
         t.tracker.text("config", "```\n" + "\n".join(f"{k}: {v}" for k, v in settings.items()) + "\n```", t.step)
         t.tracker.hparams_start({k: record.hparam_value(v) for k, v in settings.items()})
