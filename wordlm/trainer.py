@@ -204,14 +204,15 @@ class Trainer:
         """Validate, keep the best weights, write best.pt and last.pt. A scheduled one (epoch ends, eval_every) also
         informs the schedule and callbacks and checks target_ppl; a stop's does not, so its last.pt resumes as if it
         had not happened. Before trainer.eval_from of the budget an epoch end only moves on and writes last.pt."""
-        st = self.state
+        st, skip = self.state, scheduled and self.budget_spent() < self.cfg.trainer.eval_from
+        if skip and not epoch_end:  # (nothing to do: no pause, which syncs the device)
+            return
         self.throughput.pause()
         self.meter.pause()
-        if scheduled and self.budget_spent() < self.cfg.trainer.eval_from:
-            if epoch_end:
-                self._next_epoch()
-                self.tick()
-                self.save_checkpoint("last")
+        if skip:
+            self._next_epoch()
+            self.tick()
+            self.save_checkpoint("last")
             return
         val, improved = self._validate()
         if scheduled:
@@ -316,8 +317,7 @@ class Trainer:
                    context=self.eval_context)
 
     def eval_weights(self):
-        """A context in which the model holds the weights validation, best.pt and the test use (the callbacks'
-        averages, where one averages)."""
+        """A context in which the model holds the weights validation, best.pt and the test use (callbacks' averages)."""
         stack = contextlib.ExitStack()
         for cb in self.callbacks:
             stack.enter_context(cb.eval_weights(self))
