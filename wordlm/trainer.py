@@ -112,9 +112,10 @@ class Trainer:
         # The recipe's parts the config turns on (AR/TAR, NT-ASGD, variable BPTT), then the caller's.
         recipe_cbs, recipe_terms, recipe_window = recipe.from_config(cfg)
         # Auto-compile leaves out models that compile badly, and variable-length windows (they rarely have
-        # the compiled length: compiling would pay for nothing).
+        # the compiled length): those compile only the scoring of targets, which takes any length.
         window = window_length or recipe_window or WindowLength(tc.bptt)
-        compiled = runtime.resolve_compile(tc.compile, self.device, flops) and not (tc.compile is None and (
+        wanted = runtime.resolve_compile(tc.compile, self.device, flops)
+        compiled = wanted and not (tc.compile is None and (
             not model_class(cfg.model.name).compiles_well(cfg.model) or type(window) is not WindowLength))
 
         # The parts.
@@ -122,7 +123,7 @@ class Trainer:
         self.schedule = Schedule(cfg.optim, self.optimizer, self.total_steps)
         self.step_fn = TrainStep(self.net, self.model, self.optimizer, device=self.device, precision=self.precision,
                                  accum=K, micro=self.micro, clip=tc.clip, dist=self.dist,
-                                 compiled=compiled, full_length=tc.bptt,
+                                 compiled=compiled, full_length=tc.bptt, head=wanted and not compiled,
                                  loss_terms=[*recipe_terms, *loss_terms])
         self.ckpt = CheckpointManager(self.run_dir, tc.checkpoint_every, tc.checkpoint_minutes, self.dist.main)
         self.meter = IntervalMeter(self.device, self.dist)

@@ -43,6 +43,16 @@ class LanguageModel(nn.Module):
         to cost more than it gives (an explicit ``trainer.compile=true`` still compiles)."""
         return True
 
+    def compile_head(self, on: bool = True) -> bool:
+        """Compile only the scoring of training targets (:meth:`~wordlm.models.words.Softmax.compile_scoring`),
+        or stop; False where the model has no such head (an adaptive softmax: data-dependent shapes). The trainer
+        asks for it where auto-compile leaves the whole step eager (a layered RNN, variable-length windows)."""
+        scoring = getattr(getattr(self, "decoder", None), "compile_scoring", None)
+        if scoring is None:
+            return False
+        scoring(on)
+        return True
+
     @classmethod
     def classic_args(cls, cfg: ModelConfig) -> List[str]:
         """The classic example's command-line flags for this model (the benchmark's baseline)."""

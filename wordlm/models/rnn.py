@@ -130,9 +130,17 @@ def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask
 
 
+def drop_weight(w: torch.Tensor, p: float) -> torch.Tensor:
+    """``F.dropout(w, p)`` with the mask drawn as ``rand >= p``: on a CPU ``bernoulli_`` (what dropout draws with)
+    takes 15 ms for a 2,400 x 600 matrix and ``rand_like`` 5 ms (2-core Xeon), a tenth of a training step of
+    experiment=cpu_20min. Same distribution, same scaling; another random stream."""
+    keep = (torch.rand_like(w) >= p).to(w.dtype)
+    return w * keep.mul_(1.0 / (1.0 - p))
+
+
 class RNNLayer(nn.Module):
-    """One LSTM/GRU/Elman layer with weight drop on its hidden-to-hidden matrix: ``F.dropout`` of the
-    matrix (a new mask each forward, none in eval), then the fused kernel ``nn.LSTM`` itself calls."""
+    """One LSTM/GRU/Elman layer with weight drop on its hidden-to-hidden matrix (:func:`drop_weight`, a new mask
+    each forward, none in eval), then the fused kernel ``nn.LSTM`` itself calls."""
 
     def __init__(self, kind: str, input_size: int, hidden_size: int, wdrop: float):
         super().__init__()
@@ -147,7 +155,7 @@ class RNNLayer(nn.Module):
             nn.init.uniform_(w, -k, k)
 
     def forward(self, x: torch.Tensor, state):
-        w_hh = F.dropout(self.weight_hh, self.wdrop, self.training) if self.wdrop else self.weight_hh
+        w_hh = drop_weight(self.weight_hh, self.wdrop) if self.wdrop and self.training else self.weight_hh
         weights = [self.weight_ih, w_hh, self.bias_ih, self.bias_hh]
         if state is None:
             z = x.new_zeros(1, x.size(1), self.hidden_size)

@@ -93,8 +93,17 @@ def linear(owner: nn.Module, h: torch.Tensor, weight: torch.Tensor, bias: Option
     return out.reshape(*h.shape[:-1], weight.size(0))
 
 
+def target_log_softmax(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       target: torch.Tensor) -> torch.Tensor:
+    """(...) log-probability of each ``target`` under ``log_softmax(h W^T + b)``, fp32 whatever autocast computed
+    the logits in: what :meth:`Softmax.target_log_prob` computes, as one function of tensors to compile."""
+    return F.log_softmax(F.linear(h, weight, bias).float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
 class Softmax(nn.Linear):
     """The full softmax: a linear decoder to V logits, then log_softmax (the classic example's)."""
+
+    _compiled = None  # see compile_scoring
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return linear(self, h, self.weight, self.bias)
@@ -103,8 +112,18 @@ class Softmax(nn.Linear):
         """(..., V) log-probabilities, in fp32 whatever autocast computed the logits in."""
         return F.log_softmax(self(h).float(), dim=-1)
 
+    def compile_scoring(self, on: bool = True) -> None:
+        """Score training targets through ``torch.compile(target_log_softmax, dynamic=True)`` (one compile for
+        every window length), or eagerly again. Eager, the cast to fp32, log_softmax, the gather and their
+        backward are ten passes over the (T, B, V) logits; compiled, two or three (a 200 -> 13,780 decoder at
+        700 positions under bf16 autocast, forward and backward, 2-core Xeon: 30 ms against 62 ms). The trainer
+        asks for it where it does not compile the whole step (``LanguageModel.compile_head``)."""
+        self.__dict__["_compiled"] = torch.compile(target_log_softmax, dynamic=True) if on else None
+
     def target_log_prob(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(...) log-probability of each ``target``."""
+        if self._compiled is not None and self.training and torch.is_grad_enabled():
+            return self._compiled(h, self.weight, self.bias, target)
         return self.log_prob(h).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 

@@ -41,7 +41,8 @@ class RunReport:
         return record.settings(t.cfg, {
             "trainer.device": str(t.device), "trainer.precision": t.precision,
             "trainer.eval_precision": t.eval_precision, "trainer.compile": t.step_fn.compiled,
-            "trainer.threads": torch.get_num_threads(), "trainer.world_size": t.dist.world,
+            "trainer.compile_scope": t.step_fn.scope or "none", "trainer.threads": torch.get_num_threads(),
+            "trainer.world_size": t.dist.world,
             "trainer.eval_context": t.eval_context,
             "data.vocab_size": len(t.corpus.vocab), "model.params": t.params,
         })
@@ -56,7 +57,7 @@ class RunReport:
         t, tc = self.t, self.t.cfg.trainer
         log.info("run %s | model %s: %s parameters | vocab %d | device %s | precision %s | compile %s | world %d",
                  t.cfg.run_name or "-", t.cfg.model.name, f"{t.params:,}", len(t.corpus.vocab),
-                 t.device, t.precision, t.step_fn.compiled, t.dist.world)
+                 t.device, t.precision, t.step_fn.scope or False, t.dist.world)
         log.info("train %d tokens -> %d steps/epoch (batch %d x bptt %d, grad_accum %d)",
                  t.corpus.train.numel(), t.steps_per_epoch, tc.batch_size, tc.bptt, tc.grad_accum)
         parts = recipe.describe(t.cfg)
@@ -217,5 +218,5 @@ class RunReport:
             "target_ppl": t.cfg.trainer.target_ppl, "seconds_to_target": self.seconds_to_target(),
             "curve": st.curve, "bad_steps": st.bad_total, "world_size": t.dist.world,
             "device": str(t.device), "precision": t.precision, "compile": t.step_fn.compiled,
-            "config": self.settings(), **self.provenance(),
+            "compile_scope": t.step_fn.scope, "config": self.settings(), **self.provenance(),
         }

@@ -64,13 +64,15 @@ class TrainStep:
 
     def __init__(self, net: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  device: torch.device, precision: str, accum: int, micro: int, clip: Optional[float], dist: Dist,
-                 compiled: bool, full_length: int, loss_terms: Sequence[LossTerm] = ()):
+                 compiled: bool, full_length: int, loss_terms: Sequence[LossTerm] = (), head: bool = False):
         self.net, self.model, self.device, self.precision = net, model, device, precision
         self.accum, self.micro, self.clip, self.dist = accum, micro, clip, dist
         self.terms = tuple(loss_terms)
         self.scores_targets = bool(getattr(model, "scores_targets", False))  # (``net`` may be DDP's wrapper)
         self.full_length = full_length  # only windows of this length go through the compiled step
         self.compiled_fn = torch.compile(forward_loss) if compiled else None
+        # Or only the model's scoring of targets, any window length (LanguageModel.compile_head).
+        self.head = bool(head and not compiled and model.compile_head(True))
         self._proven = False
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.set_optimizer(optimizer)
@@ -79,7 +81,12 @@ class TrainStep:
 
     @property
     def compiled(self) -> bool:
-        return self.compiled_fn is not None
+        return self.scope is not None
+
+    @property
+    def scope(self) -> Optional[str]:
+        """What is compiled: "step" (the whole forward and loss), "head" (the scoring of targets) or None."""
+        return "step" if self.compiled_fn is not None else "head" if self.head else None
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
@@ -87,10 +94,10 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, states: List[Any], inject_nan: bool = False):
         use_compiled = self.compiled_fn is not None and x.size(0) == self.full_length
-        if not use_compiled or self._proven:
+        if not (use_compiled or self.head) or self._proven:
             return self._step(x, y, states, use_compiled, inject_nan)
         try:
-            out = self._step(x, y, states, True, inject_nan)
+            out = self._step(x, y, states, use_compiled, inject_nan)
         except (UserError, KeyboardInterrupt):
             raise
         except Exception as e:  # no C++ compiler, an unsupported op...: train on, uncompiled
@@ -98,6 +105,9 @@ class TrainStep:
             log.warning("torch.compile failed (%s): training continues without it (trainer.compile=false "
                         "silences this)", first)
             self.compiled_fn = None
+            if self.head:
+                self.model.compile_head(False)
+                self.head = False
             return self._step(x, y, states, False, inject_nan)
         self._proven = True
         return out
