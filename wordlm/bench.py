@@ -102,7 +102,7 @@ def profile_one(overrides: List[str], steps: int, warmup: int, top: int = 15) ->
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1.0
     return {"config": overrides, "steps": steps, "ms_per_step": total / 1000 / steps, "device": str(t.device),
-            "precision": t.precision, "compile": t.step_fn.scope or False,
+            "precision": t.precision, "compile": t.step_fn.compiled, "compile_scope": t.step_fn.scope,
             "top": [{"op": e.key, "share": round(getattr(e, key) / total, 4), "calls_per_step": e.count / steps}
                     for e in events[:top]]}
 
@@ -166,7 +166,7 @@ def measure_one(overrides: List[str], steps: int, warmup: int) -> Dict[str, Any]
         "mfu": flops * tps / peak, "matmul_peak_tflops": peak / 1e12, "model_tflops": flops * tps / 1e12,
         "eval_tokens_per_sec": eval_tps, "gen_words_per_sec": gen_wps, "device": str(dev),
         "precision": t.precision, "threads": torch.get_num_threads(), "params": t.params,
-        "compile": t.step_fn.scope or False,
+        "compile": t.step_fn.compiled, "compile_scope": t.step_fn.scope,
     }
 
 
@@ -463,7 +463,7 @@ def speed_rows(a: argparse.Namespace) -> None:
         for k in ("tokens_per_sec", "ms_per_step", "peak_mem_mb", "mfu", "matmul_peak_tflops", "model_tflops",
                   "eval_tokens_per_sec", "gen_words_per_sec"):
             row[k] = round(statistics.median(r[k] for r in ours), 4)
-        for k in ("device", "precision", "threads", "params", "compile"):
+        for k in ("device", "precision", "threads", "params", "compile", "compile_scope"):
             row[k] = ours[0][k]
         row["runs_tokens_per_sec"] = [round(r["tokens_per_sec"], 1) for r in ours]
         if base:

@@ -45,7 +45,7 @@ from .training.checkpoints import CheckpointManager, Interrupted
 from .training.meters import IntervalMeter, Throughput
 from .training.report import RunReport
 from .training.state import LoopState
-from .training.step import LossTerm, TrainStep
+from .training.step import LossTerm, TrainStep, compile_plan
 
 log = logging.getLogger("wordlm")
 
@@ -111,19 +111,16 @@ class Trainer:
         flops = self.flops_per_token * self.total_steps * tc.bptt * tc.batch_size * K
         # The recipe's parts the config turns on (AR/TAR, NT-ASGD, variable BPTT), then the caller's.
         recipe_cbs, recipe_terms, recipe_window = recipe.from_config(cfg)
-        # Auto-compile leaves out models that compile badly, and variable-length windows (they rarely have
-        # the compiled length): those compile only the scoring of targets, which takes any length.
         window = window_length or recipe_window or WindowLength(tc.bptt)
-        wanted = runtime.resolve_compile(tc.compile, self.device, flops)
-        compiled = wanted and not (tc.compile is None and (
-            not model_class(cfg.model.name).compiles_well(cfg.model) or type(window) is not WindowLength))
+        compiled, head = compile_plan(tc.compile, self.device, flops, self.model, type(window) is WindowLength,
+                                      compiles_well=model_class(cfg.model.name).compiles_well(cfg.model))
 
         # The parts.
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters(), self.device)
         self.schedule = Schedule(cfg.optim, self.optimizer, self.total_steps)
         self.step_fn = TrainStep(self.net, self.model, self.optimizer, device=self.device, precision=self.precision,
                                  accum=K, micro=self.micro, clip=tc.clip, dist=self.dist,
-                                 compiled=compiled, full_length=tc.bptt, head=wanted and not compiled,
+                                 compiled=compiled, full_length=tc.bptt, head=head,
                                  loss_terms=[*recipe_terms, *loss_terms])
         self.ckpt = CheckpointManager(self.run_dir, tc.checkpoint_every, tc.checkpoint_minutes, self.dist.main)
         self.meter = IntervalMeter(self.device, self.dist)

@@ -39,14 +39,15 @@ class LanguageModel(nn.Module):
 
     @classmethod
     def compiles_well(cls, cfg: ModelConfig) -> bool:
-        """Whether ``trainer.compile=null`` (auto) may compile this model: False where torch.compile is known
-        to cost more than it gives (an explicit ``trainer.compile=true`` still compiles)."""
+        """Whether torch.compile may compile this model's whole step: False where that is known to cost more
+        than it gives; such a model compiles its scoring head instead (:meth:`compile_head`), or, without one, its
+        whole step only when ``trainer.compile=true`` says so (``wordlm.training.step.compile_plan``)."""
         return True
 
     def compile_head(self, on: bool = True) -> bool:
         """Compile only the scoring of training targets (:meth:`~wordlm.models.words.Softmax.compile_scoring`),
         or stop; False where the model has no such head (an adaptive softmax: data-dependent shapes). The trainer
-        asks for it where auto-compile leaves the whole step eager (a layered RNN, variable-length windows)."""
+        asks for it where it does not compile the whole step (a layered RNN, variable-length windows)."""
         scoring = getattr(getattr(self, "decoder", None), "compile_scoring", None)
         if scoring is None:
             return False

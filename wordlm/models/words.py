@@ -117,13 +117,16 @@ class Softmax(nn.Linear):
         every window length), or eagerly again. Eager, the cast to fp32, log_softmax, the gather and their
         backward are ten passes over the (T, B, V) logits; compiled, two or three (a 200 -> 13,780 decoder at
         700 positions under bf16 autocast, forward and backward, 2-core Xeon: 30 ms against 62 ms). The trainer
-        asks for it where it does not compile the whole step (``LanguageModel.compile_head``)."""
+        asks for it where it does not compile the whole step (``LanguageModel.compile_head``). Evaluation and
+        generation (no gradient, or eval mode) and a single position stay eager."""
         self.__dict__["_compiled"] = torch.compile(target_log_softmax, dynamic=True) if on else None
 
     def target_log_prob(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(...) log-probability of each ``target``."""
-        if self._compiled is not None and self.training and torch.is_grad_enabled():
-            return self._compiled(h, self.weight, self.bias, target)
+        if self._compiled is not None and self.training and torch.is_grad_enabled() and target.numel() > 1:
+            # Flat (N, dim) rows: one graph for every window shape (a size-1 dimension would compile another).
+            flat = self._compiled(h.reshape(-1, h.size(-1)), self.weight, self.bias, target.reshape(-1))
+            return flat.view(target.shape)
         return self.log_prob(h).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 

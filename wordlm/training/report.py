@@ -41,7 +41,7 @@ class RunReport:
         return record.settings(t.cfg, {
             "trainer.device": str(t.device), "trainer.precision": t.precision,
             "trainer.eval_precision": t.eval_precision, "trainer.compile": t.step_fn.compiled,
-            "trainer.compile_scope": t.step_fn.scope or "none", "trainer.threads": torch.get_num_threads(),
+            "trainer.compile_scope": t.step_fn.scope, "trainer.threads": torch.get_num_threads(),
             "trainer.world_size": t.dist.world,
             "trainer.eval_context": t.eval_context,
             "data.vocab_size": len(t.corpus.vocab), "model.params": t.params,
@@ -57,7 +57,7 @@ class RunReport:
         t, tc = self.t, self.t.cfg.trainer
         log.info("run %s | model %s: %s parameters | vocab %d | device %s | precision %s | compile %s | world %d",
                  t.cfg.run_name or "-", t.cfg.model.name, f"{t.params:,}", len(t.corpus.vocab),
-                 t.device, t.precision, t.step_fn.scope or False, t.dist.world)
+                 t.device, t.precision, t.step_fn.scope or "off", t.dist.world)
         log.info("train %d tokens -> %d steps/epoch (batch %d x bptt %d, grad_accum %d)",
                  t.corpus.train.numel(), t.steps_per_epoch, tc.batch_size, tc.bptt, tc.grad_accum)
         parts = recipe.describe(t.cfg)

@@ -45,6 +45,22 @@ def forward_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, state: 
     return nll, total, state
 
 
+def compile_plan(flag: Optional[bool], device: torch.device, flops: float, model: torch.nn.Module,
+                 fixed_windows: bool, compiles_well: bool) -> Tuple[bool, bool]:
+    """(compile the whole step, compile the model's scoring head) for ``trainer.compile=flag``.
+
+    Auto (null, a run long enough to pay for compiling) compiles the whole step of a model that compiles well on
+    fixed-length windows; ``true`` does so whatever the windows (only windows of the compiled length use it).
+    Otherwise (a layered RNN: its whole step compiles for minutes and runs slower; variable-length windows under
+    auto) only the scoring of targets is compiled, any length (``LanguageModel.compile_head`` switches it on);
+    a model without such a head (the adaptive softmax) compiles its whole step only when ``true`` says so."""
+    if not runtime.resolve_compile(flag, device, flops):
+        return False, False
+    whole = compiles_well and (fixed_windows or flag is True)
+    head = not whole and model.compile_head(True)
+    return whole or (not head and flag is True), head
+
+
 def _select(ok: torch.Tensor, new: Any, old: Any) -> Any:
     """``new`` where the step was finite, else ``old`` (None, a tensor or a tuple of tensors), without a sync."""
     if new is None:
@@ -71,8 +87,7 @@ class TrainStep:
         self.scores_targets = bool(getattr(model, "scores_targets", False))  # (``net`` may be DDP's wrapper)
         self.full_length = full_length  # only windows of this length go through the compiled step
         self.compiled_fn = torch.compile(forward_loss) if compiled else None
-        # Or only the model's scoring of targets, any window length (LanguageModel.compile_head).
-        self.head = bool(head and not compiled and model.compile_head(True))
+        self.head = head  # the caller switched on model.compile_head (compile_plan): the fallback switches it off
         self._proven = False
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.set_optimizer(optimizer)
