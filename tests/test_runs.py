@@ -82,3 +82,19 @@ def test_mistakes_are_one_line(folder, tmp_path, args, message):
 def test_it_reads_no_torch():
     code = "import sys, wordlm.runs; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_runs_gathered_by_symlinks_are_found_once_and_a_loop_ends(folder, tmp_path):
+    """A folder of links to runs kept elsewhere lists them; a link back up the tree does not loop; a run reached
+    twice (by its link and its own folder) is one row."""
+    gathered = tmp_path / "gathered"
+    gathered.mkdir()
+    (gathered / "first").symlink_to(folder / "a" / "run1", target_is_directory=True)
+    (gathered / "loop").symlink_to(gathered, target_is_directory=True)
+    p = runs(str(gathered), "--format", "json")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)
+    assert len(rows) == 1 and rows[0]["folder"].endswith("first")
+    p = runs(str(gathered), str(folder / "a"), "--format", "json")
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)) == 1

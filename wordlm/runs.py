@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -54,8 +55,29 @@ def find(folders: Sequence[Path]) -> List[Path]:
                 raise RunsError(f"{folder} is a file: give a run folder (holding metrics.json) or a folder above runs")
             found.add(folder)
             continue
-        found.update(folder.rglob("metrics.json"))
-    return sorted(found)
+        found.update(_walk(folder))
+    # One row per run: a run reached twice (a symlink to a folder also given or walked) is listed once.
+    unique: Dict[Path, Path] = {}
+    for path in sorted(found):
+        unique.setdefault(path.resolve(), path)
+    return sorted(unique.values())
+
+
+def _walk(folder: Path) -> List[Path]:
+    """metrics.json files under ``folder``, following symlinked folders (runs gathered by links from
+    elsewhere are runs too; ``Path.rglob`` skips them before Python 3.13) but never into a folder twice, so a
+    link back up the tree ends instead of looping."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        if "metrics.json" in files:
+            found.append(Path(top) / "metrics.json")
+    return found
 
 
 def read(path: Path) -> Dict[str, Any]:
