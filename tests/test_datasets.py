@@ -384,3 +384,20 @@ def test_read_only_folder_is_left_untouched_and_cached_elsewhere(tmp_path):
     (sub,) = (tmp_path / "data" / "cache").iterdir()
     assert sub.name.startswith("shared-") and len(list(sub.glob("cache-*.pt"))) == 1
     assert torch.equal(first.train, second.train)
+
+
+def test_a_refused_run_leaves_no_outputs_folder_it_created(tmp_path):
+    """Offline in a fresh folder, with the default run folder (outputs/<date>/<time>): Hydra creates outputs/ and
+    the date's folder before the data are checked; the refused run removes them again, and leaves an outputs/
+    that was there before (even empty) alone."""
+    dead = closed_port_url()
+    args = ["data=ptb", f"data.root={tmp_path / 'data'}", f"data.url=[{dead[:dead.rindex('/')]}]", *TINY]
+    work = tmp_path / "work"
+    work.mkdir()
+    p = run_cli("train.py", args, cwd=work)
+    assert p.returncode == 2 and "could not download Penn Treebank" in p.stderr, p.stderr
+    assert list(work.iterdir()) == []
+    (work / "outputs").mkdir()
+    p = run_cli("train.py", args, cwd=work)
+    assert p.returncode == 2, p.stderr
+    assert list(work.iterdir()) == [work / "outputs"] and list((work / "outputs").iterdir()) == []

@@ -233,6 +233,7 @@ def entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], A
             register_configs()
             _install_reporting()
             wrapped = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)(job)
+            _note_new_parents()
             try:
                 return wrapped()
             except UserError as e:  # raised outside Hydra's reporter (e.g. while it set up)
@@ -375,6 +376,9 @@ def _train(dc: DictConfig) -> float | None:
             lock.release()
         if not started and d.main:  # a refused command leaves no empty folder behind (and removes nothing else)
             _remove_if_empty(run_dir)
+            for parent in _NEW_PARENTS:  # outputs/<date>/ and outputs/, where this command created them
+                if run_dir.resolve().is_relative_to(parent.resolve()):
+                    _remove_if_empty(parent)
         distributed.shutdown()
 
 
@@ -431,6 +435,20 @@ def _split_threads(cfg: Any) -> None:
     cfg.trainer.threads = max(1, cores // n)
     log.info("hydra/launcher=joblib with n_jobs=%d on %d cores: trainer.threads=%d per job", n, cores,
              cfg.trainer.threads)
+
+
+# The folders above the default run folder (outputs/<date>/<time>...) that did not exist when this command
+# started: Hydra creates them before any check runs, so a refused command removes them again where it left them
+# empty. A folder that existed before, empty or not, is the user's and stays.
+_NEW_PARENTS: list = []
+
+
+def _note_new_parents() -> None:
+    import datetime
+
+    outputs = Path.cwd() / "outputs"
+    _NEW_PARENTS[:] = [p for p in (outputs / datetime.date.today().strftime("%Y-%m-%d"), outputs)
+                       if not p.exists()]
 
 
 def _remove_if_empty(folder: Path) -> None:
