@@ -93,6 +93,67 @@ def test_final_eval_scores_the_test_split_with_the_adapted_methods_and_records_t
         assert out["perplexity"] == pytest.approx(m[f"test_ppl_{method}"], rel=1e-5)
 
 
+def test_final_eval_uses_the_runs_cache_and_dynamic_settings(corpus, tmp_path):
+    """cache.* and dynamic.* set how trainer.final_eval scores (evaluate.py's keys): the figures equal
+    evaluate.py's with the same settings, and differ from the defaults'."""
+    from wordlm.config import CacheConfig, DataConfig, DynamicConfig, EvaluateConfig
+    from wordlm.evaluation.command import run as evaluate_run
+
+    cfg = _cfg(max_steps=12, final_eval="both")
+    cfg.cache = CacheConfig(window=20, lam=0.3)
+    cfg.dynamic = DynamicConfig(segment=8, lr=2e-3)
+    m = Trainer(cfg, read_corpus(corpus), tmp_path).fit()
+    best = str(tmp_path / "checkpoints" / "best.pt")
+    data = DataConfig(name="custom", dir=str(corpus))
+    for method, kw in (("dynamic", dict(dynamic=DynamicConfig(enabled=True, segment=8, lr=2e-3))),
+                       ("cache", dict(cache=CacheConfig(enabled=True, window=20, lam=0.3)))):
+        out = evaluate_run(EvaluateConfig(checkpoint=best, device="cpu", progress=False, data=data, **kw))
+        assert out["perplexity"] == pytest.approx(m[f"test_ppl_{method}"], rel=1e-5)
+        default = evaluate_run(EvaluateConfig(checkpoint=best, device="cpu", progress=False, data=data,
+                                              **{method: type(kw[method])(enabled=True)}))
+        assert default["perplexity"] != pytest.approx(m[f"test_ppl_{method}"], rel=1e-3)
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("dynamic", dict(enabled=True), "dynamic.enabled is evaluate.py's switch: in training, trainer.final_eval="
+                                    "dynamic|both scores the test with dynamic evaluation"),
+    ("cache", dict(enabled=True), "cache.enabled is evaluate.py's switch: in training, trainer.final_eval=cache|both"),
+    ("dynamic", dict(segment=0), "dynamic.segment=0 must be >= 1"),
+    ("dynamic", dict(lr=-1.0), "dynamic.lr=-1.0 and dynamic.decay=None must be finite and >= 0"),
+    ("cache", dict(lam=1.5), r"cache.lam=1.5 must be in \[0, 1\)"),
+])
+def test_final_eval_settings_that_cannot_work_are_refused_in_one_line(section, values, message):
+    from wordlm.config import CacheConfig, DynamicConfig
+
+    cfg = _cfg(final_eval="both")
+    setattr(cfg, section, (CacheConfig if section == "cache" else DynamicConfig)(**values))
+    with pytest.raises(UserError, match=message):
+        validate(cfg)
+
+
+def test_a_dynamic_segment_longer_than_a_window_is_refused_before_training(corpus, tmp_path):
+    from wordlm.config import DynamicConfig
+
+    cfg = _cfg(final_eval="dynamic")  # bptt 8
+    cfg.dynamic = DynamicConfig(segment=9)
+    with pytest.raises(UserError, match=r"dynamic.segment=9 is longer than the 8 tokens a window scores"):
+        Trainer(cfg, read_corpus(corpus), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+    cfg.trainer.final_eval = "static"  # (the setting does nothing then)
+    Trainer(cfg, read_corpus(corpus), tmp_path)
+
+
+def test_final_eval_settings_act_only_with_their_method():
+    from wordlm import record
+
+    flat = {"trainer.final_eval": "dynamic", "dynamic.segment": 35, "cache.window": 100, "dynamic.enabled": False}
+    assert record.acts("dynamic.segment", flat) and not record.acts("cache.window", flat)
+    assert not record.acts("dynamic.enabled", flat)
+    flat["trainer.final_eval"] = "static"
+    assert not record.acts("dynamic.segment", flat)
+    assert record.run_name(None, ["dynamic.segment=35", "trainer.seed=3"], flat) == "trainer.seed=3"
+
+
 def test_a_run_resumed_after_a_budget_stop_takes_the_uninterrupted_runs_decisions(corpus, tmp_path):
     """The stop's validation competes for best.pt but the schedule never judges by it: with plateau divisions
     around the stop, the resumed run's weights, lr and best equal the uninterrupted run's."""

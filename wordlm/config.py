@@ -9,6 +9,7 @@ without Hydra.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional
@@ -196,6 +197,35 @@ def objective_key(name: str) -> str:
 
 
 @dataclass
+class CacheConfig:
+    """The neural cache (Grave et al. 2017), as AWD-LSTM's pointer.py scores it. window / theta / lam null = the
+    reference's for the data set: PTB 500 / 1.0 / 0.1 (its README's command), WikiText-2 and every other data set
+    3785 / 0.662 / 0.1279 (pointer.py's defaults)."""
+
+    enabled: bool = False
+    window: Optional[int] = None  # hidden states remembered (per column)
+    theta: Optional[float] = None  # inverse temperature of the cache's attention
+    lam: Optional[float] = None  # weight of the cache in the mixture (0 = the model alone)
+    warmup: str = "reference"  # reference: the model alone until more than `window` tokens precede a position
+    #                            (pointer.py) | none: the cache mixed in from the second token
+
+
+@dataclass
+class DynamicConfig:
+    """Dynamic evaluation (Krause et al. 2018), with the defaults of their dynamiceval.py: segments of 5 tokens,
+    lr 5e-5, decay 2e-3. lr / decay null = those scaled by segment / 5 (the reference's rule when its segment
+    length changes)."""
+
+    enabled: bool = False
+    lr: Optional[float] = None  # eta; null = 5e-5 x segment / 5
+    decay: Optional[float] = None  # lambda, the pull towards the trained weights; null = 2e-3 x segment / 5
+    eps: float = 2e-5  # epsilon in grad / (MS + eps)
+    rule: str = "rms"  # rms (Krause's RMS-normalised rule with decay) | sgd
+    segment: Optional[int] = 5  # tokens per update (and per statistics batch), at most a window's; null = a window
+    stat_batches: Optional[int] = None  # training batches (of 100 columns) for the gradient statistics; null = all
+
+
+@dataclass
 class Config:
     # a ModelConfig subclass, chosen by model.name (wordlm.compose.from_dict builds it from the registry)
     model: Any = field(default_factory=ModelConfig)
@@ -204,6 +234,10 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    # How trainer.final_eval=cache|dynamic|both scores the test: evaluate.py's keys and defaults (cache.window,
+    # dynamic.segment, ...). Their `enabled` is evaluate.py's switch; here trainer.final_eval decides.
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    dynamic: DynamicConfig = field(default_factory=DynamicConfig)
     # The run's name in its folder, TensorBoard and metrics.json; null = the overrides that change the run,
     # e.g. "model=transformer,optim=adamw" (wordlm.record.run_name)
     run_name: Optional[str] = None
@@ -236,35 +270,6 @@ class ExportConfig:
 
 
 @dataclass
-class CacheConfig:
-    """The neural cache (Grave et al. 2017), as AWD-LSTM's pointer.py scores it. window / theta / lam null = the
-    reference's for the data set: PTB 500 / 1.0 / 0.1 (its README's command), WikiText-2 and every other data set
-    3785 / 0.662 / 0.1279 (pointer.py's defaults)."""
-
-    enabled: bool = False
-    window: Optional[int] = None  # hidden states remembered (per column)
-    theta: Optional[float] = None  # inverse temperature of the cache's attention
-    lam: Optional[float] = None  # weight of the cache in the mixture (0 = the model alone)
-    warmup: str = "reference"  # reference: the model alone until more than `window` tokens precede a position
-    #                            (pointer.py) | none: the cache mixed in from the second token
-
-
-@dataclass
-class DynamicConfig:
-    """Dynamic evaluation (Krause et al. 2018), with the defaults of their dynamiceval.py: segments of 5 tokens,
-    lr 5e-5, decay 2e-3. lr / decay null = those scaled by segment / 5 (the reference's rule when its segment
-    length changes)."""
-
-    enabled: bool = False
-    lr: Optional[float] = None  # eta; null = 5e-5 x segment / 5
-    decay: Optional[float] = None  # lambda, the pull towards the trained weights; null = 2e-3 x segment / 5
-    eps: float = 2e-5  # epsilon in grad / (MS + eps)
-    rule: str = "rms"  # rms (Krause's RMS-normalised rule with decay) | sgd
-    segment: Optional[int] = 5  # tokens per update (and per statistics batch), at most a window's; null = a window
-    stat_batches: Optional[int] = None  # training batches (of 100 columns) for the gradient statistics; null = all
-
-
-@dataclass
 class EvaluateConfig:
     checkpoint: Optional[str] = None  # path to a .pt written by train.py (required)
     data: Optional[DataConfig] = None  # null = the data set the checkpoint was trained on
@@ -287,6 +292,35 @@ def _check(ok: bool, msg: str) -> None:
         raise UserError(msg)
 
 
+CACHE_WARMUPS = ("reference", "none")
+
+
+def check_cache(c: CacheConfig) -> None:
+    """The neural cache's settings (evaluate.py's cache.*, and trainer.final_eval's): one line per mistake."""
+    _check(c.window is None or c.window >= 1,
+           f"cache.window={c.window} must be >= 1 or null (= the reference's for the data set)")
+    _check(c.lam is None or 0 <= c.lam < 1, f"cache.lam={c.lam} must be in [0, 1) (0 = the model alone) or null")
+    _check(c.theta is None or math.isfinite(c.theta), f"cache.theta={c.theta} must be a finite number or null")
+    _check(c.warmup in CACHE_WARMUPS,
+           f"cache.warmup='{c.warmup}': use {'|'.join(CACHE_WARMUPS)} (reference: the model alone until the cache "
+           f"holds more than `window` tokens, as pointer.py)")
+
+
+def check_dynamic(d: DynamicConfig) -> None:
+    """Dynamic evaluation's settings (evaluate.py's dynamic.*, and trainer.final_eval's): one line per mistake."""
+    _check(d.rule in ("rms", "sgd"), f"dynamic.rule='{d.rule}': use rms|sgd")
+    given = [v for v in (d.lr, d.decay) if v is not None]
+    _check(all(math.isfinite(v) and v >= 0 for v in given) and math.isfinite(d.eps) and d.eps > 0,
+           f"dynamic.lr={d.lr} and dynamic.decay={d.decay} must be finite and >= 0 (or null = the reference's scaled "
+           f"to the segment), dynamic.eps={d.eps} finite and > 0")
+    _check(d.stat_batches is None or d.stat_batches >= 1,
+           f"dynamic.stat_batches={d.stat_batches} must be >= 1 or null (= all training batches): the update "
+           f"divides by these gradient statistics")
+    _check(d.segment is None or d.segment >= 1,
+           f"dynamic.segment={d.segment} must be >= 1 (tokens per update; 5 = the reference's) or null (= a whole "
+           f"window)")
+
+
 def validate(cfg: Config) -> None:
     """Check values the type system cannot; raise UserError naming the key and the fix."""
     cfg.model.validate()  # the model type's own checks (its config class)
@@ -302,6 +336,12 @@ def validate(cfg: Config) -> None:
            f"trainer.eval_precision='{t.eval_precision}': use {'|'.join(PRECISIONS)}")
     _check(t.final_eval in ("static", "cache", "dynamic", "both"),
            f"trainer.final_eval='{t.final_eval}': use static|cache|dynamic|both")
+    for name in ("cache", "dynamic"):
+        _check(not getattr(cfg, name).enabled,
+               f"{name}.enabled is evaluate.py's switch: in training, trainer.final_eval={name}|both scores the test "
+               f"with {'the neural cache' if name == 'cache' else 'dynamic evaluation'} ({name}.* set how)")
+    check_cache(cfg.cache)
+    check_dynamic(cfg.dynamic)
     _check(t.threads is None or t.threads >= 1, f"trainer.threads={t.threads} must be >= 1 or null")
     _check(t.eval_context is None or 0 <= t.eval_context < t.bptt,
            f"trainer.eval_context={t.eval_context} must be in [0, trainer.bptt={t.bptt}) or null (= bptt // 2)")
@@ -387,12 +427,15 @@ RESUMABLE = frozenset({
     "trainer.max_bad_steps", "trainer.deterministic", "trainer.debug_nan_at_step", "trainer.debug_nan_steps",
     "optim.fused", "run_name", "sweep.objective",
     "data.root", "data.dir", "data.url", "data.checksum", "data.cache", "data.cache_dir",
+    # how trainer.final_eval scores the test at the end
+    *(f"{name}.{f.name}" for name, c in (("cache", CacheConfig), ("dynamic", DynamicConfig))
+      for f in dataclasses.fields(c)),
 })
 
 
 # model: by its name
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig, "loss": LossConfig,
-             "sweep": SweepConfig}
+             "sweep": SweepConfig, "cache": CacheConfig, "dynamic": DynamicConfig}
 
 
 def build(cls: type, values: dict) -> Any:

@@ -111,6 +111,11 @@ def acts(key: str, flat: Dict[str, Any]) -> bool:
         "data.dir": flat.get("data.name") == "custom" or flat.get("data.dir") is not None,
         "data.cache_dir": bool(flat.get("data.cache")),
     }
+    final = flat.get("trainer.final_eval")
+    if key.startswith("cache."):  # trainer.final_eval's settings (their `enabled` is evaluate.py's switch)
+        return key != "cache.enabled" and final in ("cache", "both")
+    if key.startswith("dynamic."):
+        return key != "dynamic.enabled" and final in ("dynamic", "both")
     return rules.get(key, True)
 
 

@@ -34,6 +34,7 @@ from .config import Config, UserError
 from .data import Corpus, get_window, num_windows, shard
 from .data.corpus import check_trainable
 from .distributed import Dist
+from .evaluation import dynamic as dynamics
 from .evaluation import stream
 from .evaluation.scoring import eval_context, nll, ppl
 from .models import build_model, count_params, model_class, train_flops_per_token
@@ -379,13 +380,17 @@ def _nan_injected(tc, step: int) -> bool:
 
 
 def _final_eval_tokens(cfg: Config) -> int:
-    """Tokens in a batch of trainer.final_eval's gradient statistics (100 columns of its 5-token segments; of whole
-    windows for a stateless model, whose segments carry their history), for the memory check before training; 0
-    without dynamic evaluation."""
+    """Tokens in a batch of trainer.final_eval's gradient statistics (100 columns of its dynamic.segment-token
+    segments; of whole windows for a stateless model, whose segments carry their history), for the memory check
+    before training; 0 without dynamic evaluation. A dynamic.segment longer than a window is refused here, before
+    training, not at the end of it."""
     tc = cfg.trainer
     if tc.final_eval not in ("dynamic", "both"):
         return 0
-    return 100 * (tc.bptt if model_class(cfg.model.name).stateless else min(5, tc.bptt))
+    stateless = model_class(cfg.model.name).stateless
+    context = (tc.bptt // 2 if tc.eval_context is None else tc.eval_context) if stateless else 0
+    segment = dynamics.segment_for(cfg.dynamic.segment, tc.bptt, context)
+    return 100 * (tc.bptt if stateless else segment)
 
 
 def _final_eval(t: Trainer) -> Dict[str, Any]:
@@ -395,7 +400,8 @@ def _final_eval(t: Trainer) -> Dict[str, Any]:
     try:
         with t.state.timed("eval"):
             return stream.adapted_scores(t.model, t.corpus.train, t.corpus.split("test"), tc.bptt, t.device,
-                                         tc.final_eval, t.eval_precision, t.cfg.data.name, t.eval_context)
+                                         tc.final_eval, t.eval_precision, t.cfg.data.name, t.eval_context,
+                                         cache=t.cfg.cache, dynamic=t.cfg.dynamic)
     except (UserError, MemoryError, torch.OutOfMemoryError) as e:
         log.warning("trainer.final_eval=%s: %s", tc.final_eval, e)
         return {"error": str(e) or type(e).__name__}

@@ -20,13 +20,14 @@ from typing import Optional
 
 import torch
 
+from ..config import CACHE_WARMUPS
 from ..config import CacheConfig as CacheSettings
 
 # The reference's settings: PTB from its README's pointer command (window 500, theta 1.0, lambda 0.1); WikiText-2
 # from pointer.py's defaults and its WT2 command (3785, 0.662, 0.1279), used for every other data set too.
 DEFAULTS = {"ptb": {"window": 500, "theta": 1.0, "lam": 0.1},
             "wikitext": {"window": 3785, "theta": 0.6625523432485668, "lam": 0.12785920428335693}}
-WARMUPS = ("reference", "none")
+WARMUPS = CACHE_WARMUPS
 
 
 def settings(c: CacheSettings, data_name: Optional[str]) -> CacheSettings:

@@ -19,7 +19,17 @@ from typing import Any
 from .. import runtime
 from ..checkpoint import load_model, need_checkpoint
 from ..cli import die, entry
-from ..config import CacheConfig, DataConfig, DynamicConfig, EvaluateConfig, UserError, build, plain
+from ..config import (
+    CacheConfig,
+    DataConfig,
+    DynamicConfig,
+    EvaluateConfig,
+    UserError,
+    build,
+    check_cache,
+    check_dynamic,
+    plain,
+)
 from ..data import SPLITS
 from ..data.batching import batchify
 from ..data.corpus import check_folder, encode_file, literal_count
@@ -42,28 +52,9 @@ def validate(cfg: EvaluateConfig) -> None:
         raise UserError(f"bptt={cfg.bptt} must be >= 1 or null (= the training bptt)")
     c, d = cfg.cache, cfg.dynamic
     if c.enabled:
-        if c.window is not None and c.window < 1:
-            raise UserError(f"cache.window={c.window} must be >= 1 or null (= the reference's for the data set)")
-        if c.lam is not None and not 0 <= c.lam < 1:
-            raise UserError(f"cache.lam={c.lam} must be in [0, 1) (0 = the model alone) or null")
-        if c.theta is not None and not math.isfinite(c.theta):
-            raise UserError(f"cache.theta={c.theta} must be a finite number or null")
-        if c.warmup not in caching.WARMUPS:
-            raise UserError(f"cache.warmup='{c.warmup}': use {'|'.join(caching.WARMUPS)} (reference: the model alone "
-                            f"until the cache holds more than `window` tokens, as pointer.py)")
+        check_cache(c)
     if d.enabled:
-        if d.rule not in ("rms", "sgd"):
-            raise UserError(f"dynamic.rule='{d.rule}': use rms|sgd")
-        given = [v for v in (d.lr, d.decay) if v is not None]
-        if not all(math.isfinite(v) and v >= 0 for v in given) or not (math.isfinite(d.eps) and d.eps > 0):
-            raise UserError(f"dynamic.lr={d.lr} and dynamic.decay={d.decay} must be finite and >= 0 (or null = the "
-                            f"reference's scaled to the segment), dynamic.eps={d.eps} finite and > 0")
-        if d.stat_batches is not None and d.stat_batches < 1:
-            raise UserError(f"dynamic.stat_batches={d.stat_batches} must be >= 1 or null (= all training batches): "
-                            f"the update divides by these gradient statistics")
-        if d.segment is not None and d.segment < 1:
-            raise UserError(f"dynamic.segment={d.segment} must be >= 1 (tokens per update; 5 = the reference's) or "
-                            f"null (= a whole window)")
+        check_dynamic(d)
         if cfg.batch_size not in (None, 1):
             raise UserError(f"dynamic evaluation reads the text as one stream: batch_size={cfg.batch_size} would "
                             f"adapt the weights on later text (the next columns) before scoring earlier text; "

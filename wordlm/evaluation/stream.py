@@ -8,6 +8,7 @@ evaluator never asks which model it holds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -96,26 +97,29 @@ FINAL_EVAL = ("static", "cache", "dynamic", "both")
 
 def adapted_scores(model, train_ids: torch.Tensor, ids: torch.Tensor, bptt: int, device: torch.device,
                    methods: str, precision: str = "fp32", data_name: Optional[str] = None,
-                   context: int = 0) -> Dict[str, float]:
+                   context: int = 0, cache: Optional[CacheConfig] = None,
+                   dynamic: Optional[DynamicConfig] = None) -> Dict[str, float]:
     """``trainer.final_eval``: the mean NLL of ``ids`` (one stream) with the cache (``"cache"``), dynamic
-    evaluation (``"dynamic"``) or ``"both"`` (each alone, and together), at their default settings (the cache's
-    for ``data_name``; dynamic evaluation on segments of 5 tokens, fewer when a window scores fewer); the gradient
-    statistics from ``train_ids``. Keys: ``cache``, ``dynamic``, ``both``, and ``seconds``."""
+    evaluation (``"dynamic"``) or ``"both"`` (each alone, and together), with the settings ``cache`` and
+    ``dynamic`` (the run's ``cache.*`` and ``dynamic.*``; None = the defaults: the cache's for ``data_name``,
+    dynamic evaluation on segments of 5 tokens, fewer when a window scores fewer); the gradient statistics from
+    ``train_ids``. Keys: ``cache``, ``dynamic``, ``both``, and ``seconds``."""
     t = time.perf_counter()
     data = batchify(ids, 1, device)
     want = {"cache": ["cache"], "dynamic": ["dynamic"], "both": ["cache", "dynamic", "both"]}[methods]
-    segment = dynamics.segment_for(DynamicConfig().segment, bptt, context)
-    dyn_cfg = dynamics.settings(DynamicConfig(enabled=True, segment=segment), bptt)
-    cache_cfg = caching.settings(CacheConfig(enabled=True), data_name)
+    dynamic = dynamic or DynamicConfig()
+    segment = dynamics.segment_for(dynamic.segment, bptt, context)
+    dyn_cfg = dynamics.settings(dataclasses.replace(dynamic, enabled=True, segment=segment), bptt)
+    cache_cfg = caching.settings(dataclasses.replace(cache or CacheConfig(), enabled=True), data_name)
     ms = gradient_stats(model, train_ids, dyn_cfg.segment, device, precision, bptt=bptt, context=context) \
         if set(want) & {"dynamic", "both"} else None
     out: Dict[str, float] = {}
     for m in want:
-        cache = cache_cfg if m in ("cache", "both") else None
+        with_cache = cache_cfg if m in ("cache", "both") else None
         dyn = Dynamic(model, dyn_cfg, ms) if m in ("dynamic", "both") else None
         segment = dyn_cfg.segment if dyn is not None else (bptt - context if getattr(model, "stateless", False)
                                                            else bptt)
-        out[m] = evaluate(model, data, segment, device, precision, cache, dyn, bptt, context)["loss"]
+        out[m] = evaluate(model, data, segment, device, precision, with_cache, dyn, bptt, context)["loss"]
         del dyn  # (its copies of the weights, before the next one makes its own)
     out["seconds"] = time.perf_counter() - t
     return out
