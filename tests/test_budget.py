@@ -114,6 +114,42 @@ def test_final_eval_uses_the_runs_cache_and_dynamic_settings(corpus, tmp_path):
         assert default["perplexity"] != pytest.approx(m[f"test_ppl_{method}"], rel=1e-3)
 
 
+def test_final_eval_tuned_on_valid_equals_evaluate_tune(corpus, tmp_path):
+    """tune=true: trainer.final_eval tunes each method's settings on the first tune_tokens of valid, as
+    wordlm-evaluate tune=true does, and records what it chose."""
+    from wordlm.config import CacheConfig, DataConfig, DynamicConfig, EvaluateConfig
+    from wordlm.evaluation.command import run as evaluate_run
+
+    cfg = _cfg(max_steps=12, final_eval="both")
+    cfg.tune, cfg.tune_tokens = True, 150
+    t = Trainer(cfg, read_corpus(corpus), tmp_path, Tracker(tmp_path))
+    m = t.fit()
+    t.tracker.close()
+    assert m["final_eval_tried"] > 0
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["final_eval_settings"] == m["final_eval_settings"]
+    best = str(tmp_path / "checkpoints" / "best.pt")
+    for method, kw in (("dynamic", dict(dynamic=DynamicConfig(enabled=True))),
+                       ("cache", dict(cache=CacheConfig(enabled=True))),
+                       ("both", dict(cache=CacheConfig(enabled=True), dynamic=DynamicConfig(enabled=True)))):
+        out = evaluate_run(EvaluateConfig(checkpoint=best, device="cpu", progress=False, tune=True, tune_tokens=150,
+                                          data=DataConfig(name="custom", dir=str(corpus)), **kw))
+        assert out["perplexity"] == pytest.approx(m[f"test_ppl_{method}"], rel=1e-5)
+        used = m["final_eval_settings"][method]
+        for part in ("cache", "dynamic"):
+            assert (out[part] is None) == (part not in used)
+            if out[part] is not None:
+                assert out[part] == used[part]
+
+
+def test_tune_without_an_adapted_final_eval_is_refused():
+    cfg = _cfg(final_eval="static")
+    cfg.tune = True
+    with pytest.raises(UserError, match=r"tune=true tunes trainer.final_eval's cache or dynamic evaluation on valid: "
+                                        r"add trainer.final_eval=cache\|dynamic\|both"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize("section, values, message", [
     ("dynamic", dict(enabled=True), "dynamic.enabled is evaluate.py's switch: in training, trainer.final_eval="
                                     "dynamic|both scores the test with dynamic evaluation"),
@@ -139,8 +175,10 @@ def test_a_dynamic_segment_longer_than_a_window_is_refused_before_training(corpu
     with pytest.raises(UserError, match=r"dynamic.segment=9 is longer than the 8 tokens a window scores"):
         Trainer(cfg, read_corpus(corpus), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
-    cfg.trainer.final_eval = "static"  # (the setting does nothing then)
-    Trainer(cfg, read_corpus(corpus), tmp_path)
+    cfg.trainer.final_eval = "cache"  # (the setting does nothing then: the cache alone is scored at the end)
+    cfg.trainer.max_steps = 2
+    m = Trainer(cfg, read_corpus(corpus), tmp_path).fit()
+    assert math.isfinite(m["test_ppl_cache"]) and "final_eval_error" not in m
 
 
 def test_final_eval_settings_act_only_with_their_method():

@@ -387,9 +387,9 @@ def test_read_only_folder_is_left_untouched_and_cached_elsewhere(tmp_path):
 
 
 def test_a_refused_run_leaves_no_outputs_folder_it_created(tmp_path):
-    """Offline in a fresh folder, with the default run folder (outputs/<date>/<time>): Hydra creates outputs/ and
-    the date's folder before the data are checked; the refused run removes them again, and leaves an outputs/
-    that was there before (even empty) alone."""
+    """Refused (offline, or by its config) in a fresh folder, with the default run folder (outputs/<date>/<time>):
+    Hydra creates outputs/ and the date's folder before the checks; the refused run removes them again, and
+    leaves an outputs/ that was there before (even empty) alone."""
     dead = closed_port_url()
     args = ["data=ptb", f"data.root={tmp_path / 'data'}", f"data.url=[{dead[:dead.rindex('/')]}]", *TINY]
     work = tmp_path / "work"
@@ -401,3 +401,9 @@ def test_a_refused_run_leaves_no_outputs_folder_it_created(tmp_path):
     p = run_cli("train.py", args, cwd=work)
     assert p.returncode == 2, p.stderr
     assert list(work.iterdir()) == [work / "outputs"] and list((work / "outputs").iterdir()) == []
+    # refused at its config (before any data is read): the same
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    p = run_cli("train.py", ["trainer.final_eval=dynamic", "dynamic.segment=0", *TINY], cwd=fresh)
+    assert p.returncode == 2 and "dynamic.segment=0 must be >= 1" in p.stderr, p.stderr
+    assert list(fresh.iterdir()) == []

@@ -297,9 +297,9 @@ def _train(dc: DictConfig) -> float | None:
     d = distributed.from_env()
     if not d.main:
         logging.getLogger("wordlm").setLevel(logging.WARNING)  # (one rank speaks)
-    dc, cfg = _run_config(dc)
-    sweep = _sweep_job(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    dc, cfg = _checked_config(dc, run_dir, d.main)
+    sweep = _sweep_job(cfg)
     # A train.log write that fails (a full disk) must not print a traceback per log line: the failure that
     # matters (a checkpoint or events that cannot be written) stops the run with one line.
     logging.raiseExceptions = False
@@ -374,11 +374,8 @@ def _train(dc: DictConfig) -> float | None:
             trainer.tracker.close()  # after a failure's record (above) reached TensorBoard
         if lock is not None:
             lock.release()
-        if not started and d.main:  # a refused command leaves no empty folder behind (and removes nothing else)
-            _remove_if_empty(run_dir)
-            for parent in _NEW_PARENTS:  # outputs/<date>/ and outputs/, where this command created them
-                if run_dir.resolve().is_relative_to(parent.resolve()):
-                    _remove_if_empty(parent)
+        if not started and d.main:
+            _remove_new_folders(run_dir)
         distributed.shutdown()
 
 
@@ -449,6 +446,25 @@ def _note_new_parents() -> None:
     outputs = Path.cwd() / "outputs"
     _NEW_PARENTS[:] = [p for p in (outputs / datetime.date.today().strftime("%Y-%m-%d"), outputs)
                        if not p.exists()]
+
+
+def _checked_config(dc: DictConfig, run_dir: Path, main: bool):
+    """:func:`_run_config`; a refused config leaves none of the folders Hydra made for the run behind."""
+    try:
+        return _run_config(dc)
+    except BaseException:
+        if main:
+            _remove_new_folders(run_dir)
+        raise
+
+
+def _remove_new_folders(run_dir: Path) -> None:
+    """A refused command leaves no empty folder behind: the run folder, and outputs/<date>/ and outputs/ where this
+    command created them; it removes nothing else."""
+    _remove_if_empty(run_dir)
+    for parent in _NEW_PARENTS:
+        if run_dir.resolve().is_relative_to(parent.resolve()):
+            _remove_if_empty(parent)
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -238,6 +238,8 @@ class Config:
     # dynamic.segment, ...). Their `enabled` is evaluate.py's switch; here trainer.final_eval decides.
     cache: CacheConfig = field(default_factory=CacheConfig)
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+    tune: bool = False  # tune trainer.final_eval's settings on valid first (as evaluate.py's tune=true)
+    tune_tokens: Optional[int] = 30000  # tokens of valid used while tuning; null = all
     # The run's name in its folder, TensorBoard and metrics.json; null = the overrides that change the run,
     # e.g. "model=transformer,optim=adamw" (wordlm.record.run_name)
     run_name: Optional[str] = None
@@ -340,8 +342,15 @@ def validate(cfg: Config) -> None:
         _check(not getattr(cfg, name).enabled,
                f"{name}.enabled is evaluate.py's switch: in training, trainer.final_eval={name}|both scores the test "
                f"with {'the neural cache' if name == 'cache' else 'dynamic evaluation'} ({name}.* set how)")
-    check_cache(cfg.cache)
-    check_dynamic(cfg.dynamic)
+    if t.final_eval in ("cache", "both"):  # (the settings are read only by their method)
+        check_cache(cfg.cache)
+    if t.final_eval in ("dynamic", "both"):
+        check_dynamic(cfg.dynamic)
+    _check(not cfg.tune or t.final_eval != "static",
+           "tune=true tunes trainer.final_eval's cache or dynamic evaluation on valid: add "
+           "trainer.final_eval=cache|dynamic|both")
+    _check(cfg.tune_tokens is None or cfg.tune_tokens >= 1,
+           f"tune_tokens={cfg.tune_tokens} must be >= 1 or null (= all of valid)")
     _check(t.threads is None or t.threads >= 1, f"trainer.threads={t.threads} must be >= 1 or null")
     _check(t.eval_context is None or 0 <= t.eval_context < t.bptt,
            f"trainer.eval_context={t.eval_context} must be in [0, trainer.bptt={t.bptt}) or null (= bptt // 2)")
@@ -428,6 +437,7 @@ RESUMABLE = frozenset({
     "optim.fused", "run_name", "sweep.objective",
     "data.root", "data.dir", "data.url", "data.checksum", "data.cache", "data.cache_dir",
     # how trainer.final_eval scores the test at the end
+    "tune", "tune_tokens",
     *(f"{name}.{f.name}" for name, c in (("cache", CacheConfig), ("dynamic", DynamicConfig))
       for f in dataclasses.fields(c)),
 })

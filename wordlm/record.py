@@ -116,6 +116,8 @@ def acts(key: str, flat: Dict[str, Any]) -> bool:
         return key != "cache.enabled" and final in ("cache", "both")
     if key.startswith("dynamic."):
         return key != "dynamic.enabled" and final in ("dynamic", "both")
+    if key in ("tune", "tune_tokens"):
+        return final in ("cache", "dynamic", "both") and (key == "tune" or bool(flat.get("tune")))
     return rules.get(key, True)
 
 

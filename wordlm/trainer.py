@@ -399,9 +399,12 @@ def _final_eval(t: Trainer) -> Dict[str, Any]:
     tc = t.cfg.trainer
     try:
         with t.state.timed("eval"):
+            valid = t.corpus.split("valid")
             return stream.adapted_scores(t.model, t.corpus.train, t.corpus.split("test"), tc.bptt, t.device,
                                          tc.final_eval, t.eval_precision, t.cfg.data.name, t.eval_context,
-                                         cache=t.cfg.cache, dynamic=t.cfg.dynamic)
+                                         cache=t.cfg.cache, dynamic=t.cfg.dynamic,
+                                         tune_ids=(valid[:t.cfg.tune_tokens + 1] if t.cfg.tune_tokens else valid)
+                                         if t.cfg.tune else None)
     except (UserError, MemoryError, torch.OutOfMemoryError) as e:
         log.warning("trainer.final_eval=%s: %s", tc.final_eval, e)
         return {"error": str(e) or type(e).__name__}

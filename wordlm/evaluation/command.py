@@ -36,7 +36,7 @@ from ..data.corpus import check_folder, encode_file, literal_count
 from ..data.datasets import prepare
 from . import cache as caching
 from . import dynamic as dynamics
-from . import stream, tuning
+from . import stream
 from .scoring import eval_context, nll, ppl
 
 OOV_WARN = 0.05  # warn when more of the scored tokens than this are outside the checkpoint's vocabulary
@@ -147,23 +147,8 @@ def _adapted(cfg: EvaluateConfig, loaded, data_name: str, files, data, bsz: int,
         t = time.perf_counter()
         full_valid = batchify(encode_file(files["valid"], loaded.vocab), bsz, device)
         valid = full_valid[: max(2, cfg.tune_tokens // bsz + 1)] if cfg.tune_tokens else full_valid
-        tried = 0
-        if cache is not None:  # the cache first, on the static model (its features computed once); dynamic
-            # evaluation then uses it
-            # Every window is judged with the cache mixed from the second token (warmup none): with the reference's
-            # warm-up a larger window would also mean fewer mixed tokens in the tuning text, and lose for that alone.
-            hidden, tok = stream.features(model, valid, bptt, device, precision, context)
-            best, _, points = tuning.search(
-                caching.CACHE_GRID, lambda p: float(-caching.rescore(
-                    hidden, tok, valid[1:], dataclasses.replace(cache, warmup="none", **p)).double().mean()),
-                limits={"window": valid.size(0)})
-            cache, tried = dataclasses.replace(cache, **best), tried + len(points)
-        if dyn_cfg is not None:
-            scale = segment / dynamics.REFERENCE["segment"]  # Krause's grid is for 5-token segments
-            grid = {"lr": [v * scale for v in stream.DYNAMIC_GRID_LR],
-                    "decay": [v * scale for v in stream.DYNAMIC_GRID_DECAY]}
-            best, _, points = tuning.search(grid, lambda p: score(valid, cache, dataclasses.replace(dyn_cfg, **p)))
-            dyn_cfg, tried = dataclasses.replace(dyn_cfg, **best), tried + len(points)
+        cache, dyn_cfg, tried = stream.tune(model, valid, cache, dyn_cfg, ms, segment, bptt, device, precision,
+                                            context)
         valid_loss = score(full_valid, cache, dyn_cfg)
         out.update(split="test", valid_ppl=ppl(valid_loss), tried=tried, tune_seconds=round(time.perf_counter() - t, 3))
         data = batchify(encode_file(files["test"], loaded.vocab), bsz, device)

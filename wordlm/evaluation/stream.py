@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -20,6 +20,7 @@ from ..data import batchify
 from ..models import detach_state, target_log_probs
 from . import cache as caching
 from . import dynamic as dynamics
+from . import tuning
 from .cache import CACHE_GRID, Cache  # noqa: F401  (the stream's parts, importable from here)
 from .dynamic import DYNAMIC_GRID_DECAY, DYNAMIC_GRID_LR, Dynamic, gradient_stats, rnn_backward_ok  # noqa: F401
 from .scoring import windows
@@ -95,31 +96,69 @@ def evaluate(model, data, segment, device, precision="fp32", cache=None, dynamic
 FINAL_EVAL = ("static", "cache", "dynamic", "both")
 
 
+def tune(model, valid: torch.Tensor, cache: Optional[CacheConfig], dyn: Optional[DynamicConfig], ms, segment: int,
+         bptt: int, device: torch.device, precision: str = "fp32", context: int = 0):
+    """Grid-search the settings of the cache and/or dynamic evaluation (whichever is not None) on ``valid`` (a
+    batchified tuning text): the cache first, on the static model's features (computed once); then dynamic
+    evaluation, with the tuned cache when both are on (Krause's grid, scaled to the segment). Returns the tuned
+    ``(cache, dyn, settings tried)``."""
+    tried = 0
+    if cache is not None:
+        # Every setting is judged with the cache mixed from the second token (warmup none): with the reference's
+        # warm-up a larger window would also mean fewer mixed tokens in the tuning text, and lose for that alone.
+        hidden, tok = features(model, valid, bptt, device, precision, context)
+        best, _, points = tuning.search(
+            caching.CACHE_GRID, lambda p: float(-caching.rescore(
+                hidden, tok, valid[1:], dataclasses.replace(cache, warmup="none", **p)).double().mean()),
+            limits={"window": valid.size(0)})
+        cache, tried = dataclasses.replace(cache, **best), tried + len(points)
+    if dyn is not None:
+        scale = segment / dynamics.REFERENCE["segment"]  # Krause's grid is for 5-token segments
+        grid = {"lr": [v * scale for v in DYNAMIC_GRID_LR], "decay": [v * scale for v in DYNAMIC_GRID_DECAY]}
+        best, _, points = tuning.search(grid, lambda p: evaluate(
+            model, valid, segment, device, precision, cache, Dynamic(model, dataclasses.replace(dyn, **p), ms), bptt,
+            context)["loss"])
+        dyn, tried = dataclasses.replace(dyn, **best), tried + len(points)
+    return cache, dyn, tried
+
+
 def adapted_scores(model, train_ids: torch.Tensor, ids: torch.Tensor, bptt: int, device: torch.device,
                    methods: str, precision: str = "fp32", data_name: Optional[str] = None,
                    context: int = 0, cache: Optional[CacheConfig] = None,
-                   dynamic: Optional[DynamicConfig] = None) -> Dict[str, float]:
+                   dynamic: Optional[DynamicConfig] = None, tune_ids: Optional[torch.Tensor] = None) -> Dict[str, Any]:
     """``trainer.final_eval``: the mean NLL of ``ids`` (one stream) with the cache (``"cache"``), dynamic
     evaluation (``"dynamic"``) or ``"both"`` (each alone, and together), with the settings ``cache`` and
     ``dynamic`` (the run's ``cache.*`` and ``dynamic.*``; None = the defaults: the cache's for ``data_name``,
     dynamic evaluation on segments of 5 tokens, fewer when a window scores fewer); the gradient statistics from
-    ``train_ids``. Keys: ``cache``, ``dynamic``, ``both``, and ``seconds``."""
+    ``train_ids``. With ``tune_ids`` (a slice of valid), each method's settings are first tuned on it as
+    ``wordlm-evaluate tune=true`` tunes them. Keys: ``cache``, ``dynamic``, ``both`` (losses), ``settings`` (what
+    each used), ``tried`` (settings tried while tuning) and ``seconds``."""
     t = time.perf_counter()
     data = batchify(ids, 1, device)
+    valid = batchify(tune_ids, 1, device) if tune_ids is not None else None
     want = {"cache": ["cache"], "dynamic": ["dynamic"], "both": ["cache", "dynamic", "both"]}[methods]
-    dynamic = dynamic or DynamicConfig()
-    segment = dynamics.segment_for(dynamic.segment, bptt, context)
-    dyn_cfg = dynamics.settings(dataclasses.replace(dynamic, enabled=True, segment=segment), bptt)
     cache_cfg = caching.settings(dataclasses.replace(cache or CacheConfig(), enabled=True), data_name)
-    ms = gradient_stats(model, train_ids, dyn_cfg.segment, device, precision, bptt=bptt, context=context) \
-        if set(want) & {"dynamic", "both"} else None
-    out: Dict[str, float] = {}
+    dyn_cfg = ms = None
+    if set(want) & {"dynamic", "both"}:  # (dynamic.* are not read for the cache alone)
+        dynamic = dynamic or DynamicConfig()
+        segment = dynamics.segment_for(dynamic.segment, bptt, context)
+        dyn_cfg = dynamics.settings(dataclasses.replace(dynamic, enabled=True, segment=segment), bptt)
+        ms = gradient_stats(model, train_ids, dyn_cfg.segment, device, precision, bptt=bptt, context=context,
+                            max_batches=dyn_cfg.stat_batches)
+    out: Dict[str, Any] = {"settings": {}, "tried": 0}
     for m in want:
         with_cache = cache_cfg if m in ("cache", "both") else None
-        dyn = Dynamic(model, dyn_cfg, ms) if m in ("dynamic", "both") else None
-        segment = dyn_cfg.segment if dyn is not None else (bptt - context if getattr(model, "stateless", False)
-                                                           else bptt)
+        with_dyn = dyn_cfg if m in ("dynamic", "both") else None
+        segment = with_dyn.segment if with_dyn is not None else (bptt - context if getattr(model, "stateless", False)
+                                                                else bptt)
+        if valid is not None:
+            with_cache, with_dyn, tried = tune(model, valid, with_cache, with_dyn, ms, segment, bptt, device,
+                                               precision, context)
+            out["tried"] += tried
+        dyn = Dynamic(model, with_dyn, ms) if with_dyn is not None else None
         out[m] = evaluate(model, data, segment, device, precision, with_cache, dyn, bptt, context)["loss"]
+        out["settings"][m] = {k: dataclasses.asdict(v) for k, v in (("cache", with_cache), ("dynamic", with_dyn))
+                              if v is not None}
         del dyn  # (its copies of the weights, before the next one makes its own)
     out["seconds"] = time.perf_counter() - t
     return out

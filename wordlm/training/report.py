@@ -9,6 +9,7 @@ goes (it keeps one count of its own: the skipped steps it reads from the meter).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import TYPE_CHECKING, Any, Dict, Optional
@@ -172,6 +173,12 @@ class RunReport:
         adapted = dict(adapted or {})
         if "error" in adapted:
             metrics["final_eval_error"] = adapted.pop("error")
+        settings, tried = adapted.pop("settings", None), adapted.pop("tried", 0)
+        if settings:
+            metrics["final_eval_settings"] = settings  # what each method used (tuned on valid with tune=true)
+            if tried:
+                metrics["final_eval_tried"] = tried
+                log.info("trainer.final_eval tuned on valid (%d settings tried): %s", tried, json.dumps(settings))
         for method, loss in adapted.items():
             if method != "seconds":
                 metrics[f"test_ppl_{method}"] = scalars[f"test/ppl_{method}"] = ppl(loss)
