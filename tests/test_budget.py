@@ -129,17 +129,21 @@ def test_final_eval_tuned_on_valid_equals_evaluate_tune(corpus, tmp_path):
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["final_eval_settings"] == m["final_eval_settings"]
     best = str(tmp_path / "checkpoints" / "best.pt")
+    tried = {}
     for method, kw in (("dynamic", dict(dynamic=DynamicConfig(enabled=True))),
                        ("cache", dict(cache=CacheConfig(enabled=True))),
                        ("both", dict(cache=CacheConfig(enabled=True), dynamic=DynamicConfig(enabled=True)))):
         out = evaluate_run(EvaluateConfig(checkpoint=best, device="cpu", progress=False, tune=True, tune_tokens=150,
                                           data=DataConfig(name="custom", dir=str(corpus)), **kw))
+        tried[method] = out["tried"]
         assert out["perplexity"] == pytest.approx(m[f"test_ppl_{method}"], rel=1e-5)
         used = m["final_eval_settings"][method]
         for part in ("cache", "dynamic"):
             assert (out[part] is None) == (part not in used)
             if out[part] is not None:
                 assert out[part] == used[part]
+    # "both" reuses the cache settings tuned for "cache" alone: the cache's grid is searched once, not twice
+    assert m["final_eval_tried"] == tried["dynamic"] + tried["both"]
 
 
 def test_tune_without_an_adapted_final_eval_is_refused():

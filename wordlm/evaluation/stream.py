@@ -97,13 +97,13 @@ FINAL_EVAL = ("static", "cache", "dynamic", "both")
 
 
 def tune(model, valid: torch.Tensor, cache: Optional[CacheConfig], dyn: Optional[DynamicConfig], ms, segment: int,
-         bptt: int, device: torch.device, precision: str = "fp32", context: int = 0):
+         bptt: int, device: torch.device, precision: str = "fp32", context: int = 0, cache_tuned: bool = False):
     """Grid-search the settings of the cache and/or dynamic evaluation (whichever is not None) on ``valid`` (a
-    batchified tuning text): the cache first, on the static model's features (computed once); then dynamic
-    evaluation, with the tuned cache when both are on (Krause's grid, scaled to the segment). Returns the tuned
-    ``(cache, dyn, settings tried)``."""
+    batchified tuning text): the cache first, on the static model's features (computed once; not with
+    ``cache_tuned``: ``cache`` was tuned already); then dynamic evaluation, with the tuned cache when both are on
+    (Krause's grid, scaled to the segment). Returns the tuned ``(cache, dyn, settings tried)``."""
     tried = 0
-    if cache is not None:
+    if cache is not None and not cache_tuned:
         # Every setting is judged with the cache mixed from the second token (warmup none): with the reference's
         # warm-up a larger window would also mean fewer mixed tokens in the tuning text, and lose for that alone.
         hidden, tok = features(model, valid, bptt, device, precision, context)
@@ -146,14 +146,17 @@ def adapted_scores(model, train_ids: torch.Tensor, ids: torch.Tensor, bptt: int,
         ms = gradient_stats(model, train_ids, dyn_cfg.segment, device, precision, bptt=bptt, context=context,
                             max_batches=dyn_cfg.stat_batches)
     out: Dict[str, Any] = {"settings": {}, "tried": 0}
+    tuned_cache = None  # ("both" reuses the cache settings tuned for "cache": the same search on the same features)
     for m in want:
         with_cache = cache_cfg if m in ("cache", "both") else None
         with_dyn = dyn_cfg if m in ("dynamic", "both") else None
         segment = with_dyn.segment if with_dyn is not None else (bptt - context if getattr(model, "stateless", False)
                                                                 else bptt)
         if valid is not None:
-            with_cache, with_dyn, tried = tune(model, valid, with_cache, with_dyn, ms, segment, bptt, device,
-                                               precision, context)
+            reuse = with_cache is not None and tuned_cache is not None
+            with_cache, with_dyn, tried = tune(model, valid, tuned_cache if reuse else with_cache, with_dyn, ms,
+                                               segment, bptt, device, precision, context, cache_tuned=reuse)
+            tuned_cache = tuned_cache or with_cache
             out["tried"] += tried
         dyn = Dynamic(model, with_dyn, ms) if with_dyn is not None else None
         out[m] = evaluate(model, data, segment, device, precision, with_cache, dyn, bptt, context)["loss"]
