@@ -4,6 +4,8 @@ instead of the whole step. Real torch.compile (Inductor and the machine's C++ co
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,8 +48,9 @@ def test_compiled_head_scores_and_differentiates_as_the_eager_one_at_every_windo
     assert dec._compiled is None
 
 
-def test_compile_plan_compiles_the_whole_step_where_it_pays_and_the_head_elsewhere():
+def test_compile_plan_compiles_the_whole_step_where_it_pays_and_the_head_elsewhere(tmp_path, monkeypatch):
     """torch.compile is lazy: planning compiles nothing, so this runs fast."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # planning picks the cache folder: keep it here
     from wordlm.models.rnn import RNNConfig, RNNModel
     from wordlm.training.step import compile_plan
 
@@ -69,6 +72,44 @@ def test_compile_plan_compiles_the_whole_step_where_it_pays_and_the_head_elsewhe
     assert plan(None, True, False, adaptive=True) == (False, False)  # no head: eager under auto
     assert plan(True, True, False, adaptive=True) == (True, False)  # and the whole step when true
     assert plan(None, True, True, flops=1.0) == plan(False, True, True) == (False, False)  # too short; off
+
+
+def test_inductor_cache_has_a_folder_per_cpu_vector_isa(tmp_path, monkeypatch):
+    """Kernels generated for one vector ISA are never served to another: inductor's cache is not keyed by it, and
+    an AVX2 kernel rebuilt for AVX-512 writes past its buffers (runtime.separate_inductor_cache)."""
+    from wordlm import runtime
+
+    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", torch._dynamo.config.allow_rnn)  # restored after
+    base, folders = tmp_path / "cache", {}
+    for capability in ("default", None):  # ATEN_CPU_CAPABILITY=default: inductor generates scalar code
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(base))
+        if capability:
+            monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
+        else:
+            monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+        runtime.resolve_compile(True, torch.device("cpu"), 0.0)  # compiling on the CPU picks the folder
+        folders[capability] = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        runtime.separate_inductor_cache()  # a second call keeps it
+        assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == folders[capability]
+    assert folders["default"] == base / "isa-scalar"
+    native = folders[None]
+    assert native.parent == base and native.name.startswith("isa-") and native != folders["default"]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(base))
+    runtime.resolve_compile(False, torch.device("cpu"), 0.0)  # not compiling: the user's folder is left alone
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(base)
+
+
+@pytest.mark.slow
+def test_kernels_cached_under_avx2_do_not_kill_a_native_run(corpus_dir, tmp_path):
+    """One cache folder, first filled under ATEN_CPU_CAPABILITY=avx2, then used natively. On an AVX-512 CPU the AVX2
+    kernels, served from inductor's cache and rebuilt for AVX-512, corrupted the heap (the run died at its first
+    step: "double free or corruption") until each ISA got its own folder; on an AVX2 CPU both runs are native."""
+    cache = tmp_path / "inductor"
+    for i, env in enumerate(({"ATEN_CPU_CAPABILITY": "avx2"}, {})):
+        run_cli("train.py", train_args(corpus_dir, tmp_path / f"run{i}", *LAYERED, "trainer.compile=true"),
+                timeout=400, env={"TORCHINDUCTOR_CACHE_DIR": str(cache), **env}, check=True)
+        assert _metrics(tmp_path / f"run{i}")["compile_scope"] == "head"
+    assert (cache / "isa-avx2").is_dir()
 
 
 def _metrics(run) -> dict:

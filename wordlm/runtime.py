@@ -68,7 +68,31 @@ def resolve_compile(flag, device: torch.device, train_flops: float) -> bool:
         # On CPU, tracing through nn.LSTM/GRU/RNN lets inductor fuse the whole step (about 2x faster
         # here); on CUDA the cuDNN kernels are better left alone.
         torch._dynamo.config.allow_rnn = True
+        separate_inductor_cache()
     return bool(flag)
+
+
+def separate_inductor_cache() -> None:
+    """Give inductor's compile cache a subfolder per CPU vector ISA (``<TORCHINDUCTOR_CACHE_DIR>/isa-avx512vnni``).
+
+    Inductor's FX graph cache is not keyed by the ISA its C++ kernels were generated for (torch 2.13): a graph
+    compiled with AVX2 (8-lane loops; ``ATEN_CPU_CAPABILITY=avx2``, or a cache folder shared with an AVX2 machine)
+    and then served on an AVX-512 CPU is rebuilt there with 16-lane vectors but keeps its 8-lane loop bounds, and
+    writes past its buffers: the process dies of heap corruption ("double free or corruption", measured with
+    ``experiment=cpu_20min``). One folder per ISA keeps such kernels apart; a user's own TORCHINDUCTOR_CACHE_DIR
+    is kept as the parent. Nothing is deleted."""
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # read first: inductor writes its default into it when used
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        isa = pick_vec_isa()
+        base = os.path.abspath(base or default_cache_dir())
+    except Exception:  # an inductor without these helpers: leave its cache as it is
+        return
+    key = "isa-" + (type(isa).__name__.lower().removeprefix("vec") if isa else "scalar")
+    if os.path.basename(base) != key:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, key)
 
 
 def autocast(device: torch.device, precision: str):
