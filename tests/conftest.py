@@ -23,6 +23,15 @@ if "WORDLM_CACHE_DIR" not in os.environ:
     os.environ["WORDLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="wordlm-test-cache-")
     atexit.register(shutil.rmtree, os.environ["WORDLM_CACHE_DIR"], True)
 
+# The tests that press Ctrl-C send SIGINT to their subprocesses. A shell starts a background job with SIGINT ignored
+# (`nohup pytest ... &`, `bash .ci/run &`), children inherit an ignored signal through exec, and Python then installs
+# no KeyboardInterrupt handler, so those tests would measure how the suite was launched, not wordlm. Restore the
+# default here: a handler, unlike SIG_IGN, is reset to SIG_DFL by exec, so every subprocess starts as from a terminal.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # A tiny model and run that any test can shrink further: fast on 2 CPU cores.
 TINY = [
     "model.emsize=16", "model.nhid=16", "model.nlayers=1", "model.dropout=0.0",
