@@ -225,6 +225,28 @@ class DynamicConfig:
     stat_batches: Optional[int] = None  # training batches (of 100 columns) for the gradient statistics; null = all
 
 
+SHORT_RUN_DROPOUTS = ("dropout", "dropouth", "dropouti", "dropoute", "wdrop")
+
+
+@dataclass
+class ShortRunConfig:
+    """Lighter regularisation for a run whose budget holds few epochs (experiment=cpu_20min on a slow CPU): how many
+    epochs fit is known only once the run has a pace, so at 5 % of the budget the run estimates it (from its pace
+    since 2 %) and, below ``epochs``, switches the model's dropouts to the ones set here for the rest of the run.
+    A dropout left null keeps the model's."""
+
+    epochs: Optional[float] = None  # switch when fewer epochs than this fit the budget; null = off
+    dropout: Optional[float] = None  # the model's keys, in short runs
+    dropouth: Optional[float] = None
+    dropouti: Optional[float] = None
+    dropoute: Optional[float] = None
+    wdrop: Optional[float] = None
+
+    def dropouts(self) -> Dict[str, float]:
+        """The dropouts this sets (those not null)."""
+        return {k: getattr(self, k) for k in SHORT_RUN_DROPOUTS if getattr(self, k) is not None}
+
+
 @dataclass
 class Config:
     # a ModelConfig subclass, chosen by model.name (wordlm.compose.from_dict builds it from the registry)
@@ -238,6 +260,8 @@ class Config:
     # dynamic.segment, ...). Their `enabled` is evaluate.py's switch; here trainer.final_eval decides.
     cache: CacheConfig = field(default_factory=CacheConfig)
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
+    # Lighter dropouts where the budget holds few epochs (off unless short_run.epochs is set)
+    short_run: ShortRunConfig = field(default_factory=ShortRunConfig)
     tune: bool = False  # tune trainer.final_eval's settings on valid first (as evaluate.py's tune=true)
     tune_tokens: Optional[int] = 30000  # tokens of valid used while tuning; null = all
     # The run's name in its folder, TensorBoard and metrics.json; null = the overrides that change the run,
@@ -420,6 +444,15 @@ def validate(cfg: Config) -> None:
            "sweep.objective=seconds_to_target needs trainer.target_ppl (the perplexity whose time it measures)")
     _check(key != "final_eval_seconds" or t.final_eval != "static",
            "sweep.objective=final_eval_seconds needs trainer.final_eval=cache|dynamic|both")
+    sr = cfg.short_run
+    _check(sr.epochs is None or (math.isfinite(sr.epochs) and sr.epochs > 0),
+           f"short_run.epochs={sr.epochs} must be > 0 (switch to short_run's dropouts when fewer epochs fit the "
+           f"budget) or null (off)")
+    for k, v in sr.dropouts().items():
+        _check(0 <= v < 1, f"short_run.{k}={v} must be in [0, 1) or null (= the model's)")
+    _check(sr.epochs is None or bool(sr.dropouts()),
+           f"short_run.epochs={sr.epochs:g} changes nothing: set the dropouts a short run uses, e.g. "
+           f"short_run.dropout=0.2 short_run.wdrop=0.1" if sr.epochs is not None else "")
     d = cfg.data
     _check(d.min_freq >= 1, f"data.min_freq={d.min_freq} must be >= 1")
     _check(d.max_vocab is None or d.max_vocab >= 3, f"data.max_vocab={d.max_vocab} must be >= 3 or null")
@@ -445,7 +478,7 @@ RESUMABLE = frozenset({
 
 # model: by its name
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig, "loss": LossConfig,
-             "sweep": SweepConfig, "cache": CacheConfig, "dynamic": DynamicConfig}
+             "sweep": SweepConfig, "cache": CacheConfig, "dynamic": DynamicConfig, "short_run": ShortRunConfig}
 
 
 def build(cls: type, values: dict) -> Any:

@@ -116,6 +116,8 @@ def acts(key: str, flat: Dict[str, Any]) -> bool:
         return key != "cache.enabled" and final in ("cache", "both")
     if key.startswith("dynamic."):
         return key != "dynamic.enabled" and final in ("dynamic", "both")
+    if key.startswith("short_run."):  # off without short_run.epochs; a dropout left null keeps the model's
+        return flat.get("short_run.epochs") is not None and flat.get(key) is not None
     if key in ("tune", "tune_tokens"):
         return final in ("cache", "dynamic", "both") and (key == "tune" or bool(flat.get("tune")))
     return rules.get(key, True)

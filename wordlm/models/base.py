@@ -55,6 +55,16 @@ class LanguageModel(nn.Module):
         return True
 
     @classmethod
+    def changeable_dropouts(cls, cfg: ModelConfig) -> Tuple[str, ...]:
+        """The dropout keys :meth:`set_dropouts` can change during a run (``short_run``): none by default."""
+        return ()
+
+    def set_dropouts(self, **ps: float) -> None:
+        """Train on from now with these dropout probabilities (keys of :meth:`changeable_dropouts`); the model's
+        config keeps the ones it was built with."""
+        raise UserError(f"{type(self).__name__} cannot change its dropouts during a run ({', '.join(ps)})")
+
+    @classmethod
     def classic_args(cls, cfg: ModelConfig) -> List[str]:
         """The classic example's command-line flags for this model (the benchmark's baseline)."""
         raise NotImplementedError

@@ -22,7 +22,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -175,6 +175,9 @@ class RNNModel(LanguageModel):
     def __init__(self, cfg: RNNConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
+        # the dropouts it trains with: the config's, until set_dropouts (short_run) changes them
+        self.dropouts = {"dropout": cfg.dropout, "dropouth": cfg.p("dropouth"), "dropouti": cfg.p("dropouti"),
+                  "dropoute": cfg.dropoute}
         self.drop = nn.Dropout(cfg.dropout)
         self.drop_in = nn.Dropout(cfg.p("dropouti"))
         self.encoder = make_input(cfg, vocab_size)
@@ -263,19 +266,19 @@ class RNNModel(LanguageModel):
             x, st = layer(x, st)
             new.extend(st if per == 2 else (st,))
             if i < len(self.layers) - 1:
-                x = self._dropout(x, self.cfg.p("dropouth"))
+                x = self._dropout(x, self.dropouts["dropouth"])
         return x, tuple(new)
 
     def forward(self, tokens: torch.Tensor, state: State = None, aux: bool = False,
                 targets: Optional[torch.Tensor] = None):
-        emb = embed(self.encoder, tokens, self.cfg.dropoute, self.training)
-        emb = self._dropout(emb, self.cfg.p("dropouti"), self.drop_in)  # (T, B, E)
+        emb = embed(self.encoder, tokens, self.dropouts["dropoute"], self.training)
+        emb = self._dropout(emb, self.dropouts["dropouti"], self.drop_in)  # (T, B, E)
         if CPU_RNN_FP32 and tokens.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
                 raw, state = self._recurrence(emb.float(), state)  # (T, B, H)
         else:
             raw, state = self._recurrence(emb, state)  # (T, B, H)
-        out = self._dropout(raw, self.cfg.dropout, self.drop)
+        out = self._dropout(raw, self.dropouts["dropout"], self.drop)
         # The carried state stays fp32 whatever autocast computed it in.
         state = tuple(s.float() for s in state) if isinstance(state, tuple) else state.float()
         logp = self.decoder.log_prob(out) if targets is None else self.decoder.target_log_prob(out, targets)
@@ -297,6 +300,25 @@ class RNNModel(LanguageModel):
         # 3-layer 200-600-600-200 LSTM at bptt 70, 490 s to compile and then 0.7x the uncompiled speed.
         # The adaptive layers pick each cluster's positions (data-dependent shapes): Inductor recompiles for them.
         return not getattr(cfg, "layered", False) and not any_adaptive(cfg)
+
+    @classmethod
+    def changeable_dropouts(cls, cfg: RNNConfig) -> Tuple[str, ...]:
+        # weight drop lives in the layer-by-layer path only (a model built without it runs one nn.LSTM)
+        return ("dropout", "dropouth", "dropouti", "dropoute", *(("wdrop",) if cfg.layered else ()))
+
+    def set_dropouts(self, **ps: float) -> None:
+        bad = set(ps) - set(self.changeable_dropouts(self.cfg))
+        if bad:
+            super().set_dropouts(**{k: ps[k] for k in sorted(bad)})
+        for k, v in ps.items():
+            if k == "wdrop":
+                for layer in self.layers:
+                    layer.wdrop = v
+            else:
+                self.dropouts[k] = v
+        self.drop.p, self.drop_in.p = self.dropouts["dropout"], self.dropouts["dropouti"]
+        if not self.layered and self.cfg.nlayers > 1:
+            self.rnn.dropout = self.dropouts["dropouth"]
 
     @classmethod
     def classic_args(cls, cfg: RNNConfig) -> List[str]:

@@ -3,9 +3,10 @@
 A :class:`Callback` hears the loop's events and may change the run through the trainer's public
 handles: ``trainer.set_optimizer`` (an optimizer phase, e.g. NT-ASGD's switch to averaged SGD),
 ``trainer.schedule``, ``trainer.model``. :meth:`Callback.eval_weights` swaps other weights in for
-validation, ``best.pt`` and the test (weight averaging). Everything it needs to continue exactly
-after a resume goes in its ``state_dict``; its ``load_state_dict`` runs before the optimizer's
-state is loaded, so a phase that replaced the optimizer replaces it again first.
+validation, ``best.pt`` and the test (weight averaging); :meth:`Callback.metrics` adds what it did to
+metrics.json. Everything it needs to continue exactly after a resume goes in its ``state_dict``; its
+``load_state_dict`` runs before the optimizer's state is loaded, so a phase that replaced the optimizer
+replaces it again first.
 
 :class:`WindowLength` decides each step's BPTT length (variable-length BPTT) and by how much the
 learning rate scales for that step.
@@ -36,6 +37,10 @@ class Callback:
     def eval_weights(self, trainer: "Trainer") -> contextlib.AbstractContextManager:
         """A context in which ``trainer.model`` holds the weights to validate, keep as best and test."""
         return contextlib.nullcontext()
+
+    def metrics(self) -> Dict[str, Any]:
+        """What it did, for metrics.json (merged in at the run's end)."""
+        return {}
 
     def state_dict(self) -> Dict[str, Any]:
         return {}

@@ -3,7 +3,8 @@
 - :class:`ActivationPenalty` — AR and TAR, loss terms on the model's ``aux`` outputs;
 - :class:`NTASGD` — non-monotonically triggered averaged SGD: a callback that keeps the running average of
   the weights once the trigger fired, and hands the averages to validation, ``best.pt`` and the test;
-- :class:`VariableWindowLength` — variable-length BPTT, with the learning rate scaled by the window length.
+- :class:`VariableWindowLength` — variable-length BPTT, with the learning rate scaled by the window length;
+- :class:`ShortRun` — lighter dropouts where the budget holds few epochs (``short_run``; not the paper's).
 
 :func:`from_config` builds the ones a config asks for; the model-side regularisers (weight drop, locked and
 embedding dropout) are keys of the model itself (``wordlm.models.rnn``).
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..config import Config
+from ..config import Config, UserError
+from ..models import model_class
 from .callbacks import Callback, WindowLength, swapped_weights
 from .step import LossTerm
 
@@ -128,6 +130,9 @@ class NTASGD(Callback):
             return contextlib.nullcontext()
         return swapped_weights(trainer.model, dict(zip(self._names, self.avg, strict=True)))
 
+    def metrics(self) -> Dict[str, Any]:
+        return {"averaging_from_step": self.switched_at}
+
     def state_dict(self) -> Dict[str, Any]:
         avg = {n: a.detach().cpu() for n, a in zip(self._names, self.avg, strict=True)} if self.avg else {}
         return {"averaging": self.averaging, "history": list(self.history), "count": self.count,
@@ -141,6 +146,57 @@ class NTASGD(Callback):
         saved = state.get("avg") or {}
         self.avg = [saved[n].to(p.device, p.dtype).clone() for n, p in zip(self._names, self._params, strict=True)] \
             if saved else []
+
+
+class ShortRun(Callback):
+    """``short_run``: lighter dropouts where the budget holds fewer than ``epochs`` epochs. The regularisation a
+    recipe is tuned for is a long run's: a run that fits 10 epochs (``cpu_20min`` in fp32 on a CPU without AVX-512)
+    underfits with it, one that fits 23 or more does not (docs/results.md). How many epochs fit is known only once
+    the run has a pace: at ``DECIDE`` of the budget it extrapolates its epochs since ``MARK`` (past the compile and
+    warm-up of the first steps) to the whole budget, time or steps, whichever runs out first, and below ``epochs``
+    trains on with ``dropouts``. One decision per run, kept by resume."""
+
+    MARK, DECIDE = 0.02, 0.05
+
+    def __init__(self, epochs: float, dropouts: Dict[str, float]):
+        self.epochs, self.dropouts = epochs, dropouts
+        self.mark: Optional[Tuple[float, float]] = None  # (budget spent, epochs done) at MARK
+        self.estimate: Optional[float] = None  # epochs the budget holds, once decided
+        self.switched_at: Optional[int] = None  # the step from which the dropouts are short_run's
+
+    def on_step_end(self, trainer: "Trainer") -> None:
+        if self.estimate is not None:
+            return
+        spent, done = trainer.budget_spent(), trainer.epochs_done
+        if self.mark is None:
+            if spent >= self.MARK:
+                self.mark = (spent, done)
+            return
+        if spent < self.DECIDE:
+            return
+        s0, e0 = self.mark
+        self.estimate = done + (done - e0) / max(spent - s0, 1e-9) * (1 - spent)
+        if self.estimate < self.epochs:
+            self.switched_at = trainer.step
+            trainer.model.set_dropouts(**self.dropouts)
+            log.info("short_run: about %.1f epochs fit the budget (fewer than short_run.epochs=%g): training on "
+                     "from step %d with %s", self.estimate, self.epochs, trainer.step,
+                     ", ".join(f"{k} {v:g}" for k, v in self.dropouts.items()))
+        else:
+            log.info("short_run: about %.1f epochs fit the budget (short_run.epochs=%g): the model's dropouts stay",
+                     self.estimate, self.epochs)
+
+    def metrics(self) -> Dict[str, Any]:
+        return {"short_run_epochs_estimated": self.estimate, "short_run_from_step": self.switched_at}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"mark": self.mark, "estimate": self.estimate, "switched_at": self.switched_at}
+
+    def load_state_dict(self, state: Dict[str, Any], trainer: "Trainer") -> None:
+        self.mark = tuple(state["mark"]) if state.get("mark") is not None else None
+        self.estimate, self.switched_at = state.get("estimate"), state.get("switched_at")
+        if self.switched_at is not None:
+            trainer.model.set_dropouts(**self.dropouts)
 
 
 class VariableWindowLength(WindowLength):
@@ -181,6 +237,17 @@ def from_config(cfg: Config) -> Tuple[List[Callback], List[LossTerm], Optional[W
     if o.ntasgd or o.finetune or o.average_from is not None:
         callbacks.append(NTASGD(o.nonmono, finetune=o.finetune, average_from=o.average_from,
                                 trigger=o.ntasgd or o.finetune))
+    sr = cfg.short_run
+    if sr.epochs is not None:
+        can = model_class(cfg.model.name).changeable_dropouts(cfg.model)
+        cannot = [k for k in sr.dropouts() if k not in can]
+        if cannot:
+            raise UserError(
+                f"short_run.{cannot[0]}: model={cfg.model.name} cannot change {', '.join(cannot)} during a run"
+                + (f" (it can: {', '.join(can)})" if can
+                   else " (short_run needs an RNN: lstm, gru, rnn_tanh, rnn_relu)")
+                + ("; weight drop needs a model built with it (model.wdrop > 0)" if "wdrop" in cannot and can else ""))
+        callbacks.append(ShortRun(sr.epochs, sr.dropouts()))
     cap = cfg.trainer.bptt + 10 if cfg.optim.finetune else None  # finetune.py's cap; main.py has none
     window = VariableWindowLength(cfg.trainer.bptt, cfg.trainer.seed, max_len=cap) if cfg.trainer.variable_bptt \
         else None
@@ -205,4 +272,6 @@ def describe(cfg: Config) -> str:
         parts.append(f"weight averaging from {cfg.optim.average_from:g} of the budget")
     if cfg.trainer.variable_bptt:
         parts.append("variable BPTT")
+    if cfg.short_run.epochs is not None:
+        parts.append(f"lighter dropouts if fewer than {cfg.short_run.epochs:g} epochs fit the budget (short_run)")
     return ", ".join(parts)

@@ -226,4 +226,5 @@ class RunReport:
             "curve": st.curve, "bad_steps": st.bad_total, "world_size": t.dist.world,
             "device": str(t.device), "precision": t.precision, "compile": t.step_fn.compiled,
             "compile_scope": t.step_fn.scope, "config": self.settings(), **self.provenance(),
+            **{k: v for cb in t.callbacks for k, v in cb.metrics().items()},
         }
