@@ -450,9 +450,9 @@ def validate(cfg: Config) -> None:
            f"budget) or null (off)")
     for k, v in sr.dropouts().items():
         _check(0 <= v < 1, f"short_run.{k}={v} must be in [0, 1) or null (= the model's)")
-    _check(sr.epochs is None or bool(sr.dropouts()),
-           f"short_run.epochs={sr.epochs:g} changes nothing: set the dropouts a short run uses, e.g. "
-           f"short_run.dropout=0.2 short_run.wdrop=0.1" if sr.epochs is not None else "")
+    if sr.epochs is not None:
+        _check(bool(sr.dropouts()), f"short_run.epochs={sr.epochs:g} changes nothing: set the dropouts a short run "
+                                    f"uses, e.g. short_run.dropout=0.2 short_run.wdrop=0.1")
     d = cfg.data
     _check(d.min_freq >= 1, f"data.min_freq={d.min_freq} must be >= 1")
     _check(d.max_vocab is None or d.max_vocab >= 3, f"data.max_vocab={d.max_vocab} must be >= 3 or null")

@@ -177,7 +177,7 @@ class RNNModel(LanguageModel):
         self.cfg = cfg
         # the dropouts it trains with: the config's, until set_dropouts (short_run) changes them
         self.dropouts = {"dropout": cfg.dropout, "dropouth": cfg.p("dropouth"), "dropouti": cfg.p("dropouti"),
-                  "dropoute": cfg.dropoute}
+                         "dropoute": cfg.dropoute}
         self.drop = nn.Dropout(cfg.dropout)
         self.drop_in = nn.Dropout(cfg.p("dropouti"))
         self.encoder = make_input(cfg, vocab_size)
