@@ -332,6 +332,18 @@ def check_cache(c: CacheConfig) -> None:
            f"holds more than `window` tokens, as pointer.py)")
 
 
+def check_short_run(sr: ShortRunConfig) -> None:
+    """short_run's settings (whether the model can change those dropouts is checked where it is built)."""
+    _check(sr.epochs is None or (math.isfinite(sr.epochs) and sr.epochs > 0),
+           f"short_run.epochs={sr.epochs} must be > 0 (switch to short_run's dropouts when fewer epochs fit the "
+           f"budget) or null (off)")
+    for k, v in sr.dropouts().items():
+        _check(0 <= v < 1, f"short_run.{k}={v} must be in [0, 1) or null (= the model's)")
+    if sr.epochs is not None:
+        _check(bool(sr.dropouts()), f"short_run.epochs={sr.epochs:g} changes nothing: set the dropouts a short run "
+                                    f"uses, e.g. short_run.dropout=0.2 short_run.wdrop=0.1")
+
+
 def check_dynamic(d: DynamicConfig) -> None:
     """Dynamic evaluation's settings (evaluate.py's dynamic.*, and trainer.final_eval's): one line per mistake."""
     _check(d.rule in ("rms", "sgd"), f"dynamic.rule='{d.rule}': use rms|sgd")
@@ -349,7 +361,8 @@ def check_dynamic(d: DynamicConfig) -> None:
 
 def validate(cfg: Config) -> None:
     """Check values the type system cannot; raise UserError naming the key and the fix."""
-    cfg.model.validate()  # the model type's own checks (its config class)
+    cfg.model.validate()  # the model type's own checks (its config class), and short_run's
+    check_short_run(cfg.short_run)
     t, o = cfg.trainer, cfg.optim
     for k in ("epochs", "batch_size", "eval_batch_size", "bptt", "log_interval", "grad_accum", "max_bad_steps"):
         v = getattr(t, k)
@@ -429,8 +442,7 @@ def validate(cfg: Config) -> None:
         _check(need <= longest, f"trainer.bptt={t.bptt}{' with variable_bptt' if t.variable_bptt else ''} needs "
                                 f"windows of up to {need} tokens, longer than model.max_len={longest} (learned "
                                 f"positions): set model.max_len={need} or lower trainer.bptt")
-    for k in ("ar", "tar"):
-        v = getattr(cfg.loss, k)
+    for k, v in (("ar", cfg.loss.ar), ("tar", cfg.loss.tar)):
         _check(v >= 0, f"loss.{k}={v} must be >= 0")
     key = objective_key(cfg.sweep.objective)
     _check(key in METRICS_NUMBERS,
@@ -444,15 +456,6 @@ def validate(cfg: Config) -> None:
            "sweep.objective=seconds_to_target needs trainer.target_ppl (the perplexity whose time it measures)")
     _check(key != "final_eval_seconds" or t.final_eval != "static",
            "sweep.objective=final_eval_seconds needs trainer.final_eval=cache|dynamic|both")
-    sr = cfg.short_run
-    _check(sr.epochs is None or (math.isfinite(sr.epochs) and sr.epochs > 0),
-           f"short_run.epochs={sr.epochs} must be > 0 (switch to short_run's dropouts when fewer epochs fit the "
-           f"budget) or null (off)")
-    for k, v in sr.dropouts().items():
-        _check(0 <= v < 1, f"short_run.{k}={v} must be in [0, 1) or null (= the model's)")
-    if sr.epochs is not None:
-        _check(bool(sr.dropouts()), f"short_run.epochs={sr.epochs:g} changes nothing: set the dropouts a short run "
-                                    f"uses, e.g. short_run.dropout=0.2 short_run.wdrop=0.1")
     d = cfg.data
     _check(d.min_freq >= 1, f"data.min_freq={d.min_freq} must be >= 1")
     _check(d.max_vocab is None or d.max_vocab >= 3, f"data.max_vocab={d.max_vocab} must be >= 3 or null")
